@@ -1,0 +1,7 @@
+"""The multilevel optimization engine. Imports torch only (no images, YAML or tracking)."""
+
+from .engine import Callback, Engine, StepRecord
+from .graph import Dependency, Graph
+from .problem import Problem
+
+__all__ = ["Engine", "Problem", "Dependency", "Graph", "Callback", "StepRecord"]

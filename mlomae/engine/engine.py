@@ -1,0 +1,366 @@
+"""The engine: runs the schedule, assembles every gradient, steps every optimizer.
+
+One outer step is one period of the schedule (``Graph.cycle``). For each problem step the
+engine draws a batch, evaluates the loss, and takes gradients with ``torch.autograd.grad``:
+for a problem with lower problems, with respect to its own parameters *and* to the lower
+problems its loss reads, whose adjoints it then pushes down the hypergradient paths (a problem
+before the problems it reads), each push by the method of that edge. Graphs live only within
+one outer step.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import GraphError, NonFiniteError
+from ..hypergrad import METHODS, LowerLevel, UnrollTrace
+from . import diffopt, rng
+from .graph import Dependency, Graph
+from .params import swap_params
+from .problem import Problem
+
+
+@dataclass
+class StepRecord:
+    """What happened in one problem step (tensors stay on device until a callback asks)."""
+
+    problem: str
+    step: int                    # the problem's own step count after this step
+    outer_step: int              # the outer step this problem step belongs to (0-based)
+    loss: Tensor
+    logs: dict[str, Any] = field(default_factory=dict)
+    grad_norm: Tensor | None = None
+    hypergrad_norm: Tensor | None = None
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+class Callback:
+    """Hooks the runner attaches: tracking, checkpoints, progress. All optional."""
+
+    def on_run_start(self, engine: "Engine") -> None: ...
+    def on_problem_step(self, engine: "Engine", record: StepRecord) -> None: ...
+    def on_outer_step(self, engine: "Engine", step: int, records: list[StepRecord]) -> None: ...
+    def on_run_end(self, engine: "Engine") -> None: ...
+
+
+@dataclass
+class _Window:
+    """A lower problem's differentiable steps since its last consumption."""
+
+    params: list[Tensor]
+    states: list[dict]
+    snaps: dict[str, list[list[Tensor]]]  # read problem -> snapshots (aligned with its params)
+    snap_at: dict[str, int]               # read problem -> its step count when last snapshotted
+    steps: int = 0
+    consumed: bool = False
+
+
+class Engine:
+    def __init__(self, problems: Sequence[Problem], dependencies: Sequence[Dependency] = (), *,
+                 method: str = "darts", options: Mapping[str, Any] | None = None,
+                 device: str | torch.device = "cpu", on_nonfinite: str = "raise",
+                 autocast_dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = ()):
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip' (got {on_nonfinite!r})")
+        self.problems: dict[str, Problem] = {p.name: p for p in problems}
+        self.graph = Graph({p.name: p.steps for p in problems},
+                           {p.name: p.reads for p in problems}, dependencies,
+                           default_method=method, default_options=options,
+                           known_methods=list(METHODS))
+        for p in problems:
+            p._peers = {r: self.problems[r] for r in p.reads}
+        self.device = torch.device(device)
+        self.on_nonfinite = on_nonfinite
+        self.autocast_dtype = autocast_dtype
+        self.callbacks = list(callbacks)
+        self.schedule = self.graph.cycle()
+        self.unrolled = self.graph.unrolled()
+        for name in self.unrolled:
+            opt = self.problems[name].optimizer
+            if opt is None or not diffopt.supported(opt):
+                raise GraphError(f"problem '{name}' is unrolled, which needs an sgd, adam or adamw "
+                                 f"optimizer (got {type(opt).__name__ if opt else 'none'})")
+        self.outer_step = 0
+        self._windows: dict[str, _Window] = {}
+        self._cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, steps: int) -> None:
+        """Run until ``steps`` outer steps are done (counting those already done)."""
+        for cb in self.callbacks:
+            cb.on_run_start(self)
+        while self.outer_step < steps:
+            self.step()
+        for cb in self.callbacks:
+            cb.on_run_end(self)
+
+    def step(self) -> list[StepRecord]:
+        """One outer step: one period of the schedule."""
+        records = []
+        try:
+            for name in self.schedule:
+                rec = self._step_problem(self.problems[name])
+                records.append(rec)
+                for cb in self.callbacks:
+                    cb.on_problem_step(self, rec)
+        finally:
+            self._windows.clear()  # no graph outlives its outer step
+        self.outer_step += 1
+        for cb in self.callbacks:
+            cb.on_outer_step(self, self.outer_step, records)
+        return records
+
+    # -- one problem step -------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _eval(self, p: Problem, batch: Any) -> tuple[Tensor, dict[str, Any]]:
+        with self._autocast():
+            out = p.loss(batch)
+        if isinstance(out, tuple):
+            loss, logs = out
+        else:
+            loss, logs = out, {}
+        return loss, logs
+
+    def _step_problem(self, p: Problem) -> StepRecord:
+        t0 = time.perf_counter()
+        batch = _to_device(p.next_batch(), self.device)
+        state = rng.capture(self._cuda)
+        if p.name in self.unrolled:
+            rec = self._unrolled_step(p, batch)
+        else:
+            rec = self._plain_step(p, batch)
+        p.last_batch, p.last_rng = batch, state
+        rec.seconds = time.perf_counter() - t0
+        return rec
+
+    def _gradients(self, p: Problem, batch: Any):
+        """Loss, logs, direct gradient and hypergradient of ``p`` on ``batch``."""
+        params = p.params()
+        plan = self.graph.plans.get(p.name)
+        loss, logs = self._eval(p, batch)
+        entered = [self.problems[n] for n in plan.enters] if plan else []
+        targets = params + [t for q in entered for t in q.params()]
+        grads = list(torch.autograd.grad(loss, targets, allow_unused=True)) if targets else []
+        direct = grads[:len(params)]
+        hyper = None
+        if plan:
+            adj, i = {}, len(params)
+            for q in entered:
+                n = len(q.params())
+                adj[q.name] = _fill(grads[i:i + n], q.params())
+                i += n
+            hyper = self._hypergradient(p, adj)
+        return loss, logs, direct, hyper
+
+    def _plain_step(self, p: Problem, batch: Any) -> StepRecord:
+        params = p.params()
+        loss, logs, direct, hyper = self._gradients(p, batch)
+        rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
+        if hyper is not None:
+            rec.hypergrad_norm = _norm(hyper)
+            direct = [_add(d, h) for d, h in zip(direct, hyper)]
+        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(direct, params)]
+        self._apply(p, params, grads, loss, rec)
+        return rec
+
+    # -- inspection (check-hypergrad, tests) ------------------------------------------------
+    def prefix(self, name: str) -> list[StepRecord]:
+        """Take the steps the schedule runs before ``name``'s first step in an outer step,
+        keeping their differentiable records, so :meth:`gradient` can follow."""
+        i = self.schedule.index(name)
+        self._windows.clear()
+        return [self._step_problem(self.problems[n]) for n in self.schedule[:i]]
+
+    def gradient(self, name: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """(loss, direct gradient, hypergradient) of problem ``name`` on its next batch, without
+        stepping; the hypergradient is zeros where no path carries anything."""
+        p = self.problems[name]
+        batch = _to_device(p.next_batch(), self.device)
+        try:
+            loss, _, direct, hyper = self._gradients(p, batch)
+        finally:
+            self._windows.clear()
+        params = p.params()
+        hyper = hyper if hyper is not None else [None] * len(params)
+        return loss.detach(), _fill(direct, params), _fill(hyper, params)
+
+    def _apply(self, p: Problem, params: list[Tensor], grads: list[Tensor], loss: Tensor,
+               rec: StepRecord) -> None:
+        """Check, clip and apply gradients, then count the step."""
+        gnorm = _norm(grads) if grads else torch.zeros((), device=self.device)
+        rec.grad_norm = gnorm
+        finite = bool(torch.isfinite(gnorm) & torch.isfinite(loss.detach()))
+        if not finite:
+            self._nonfinite(p, loss, gnorm, rec)
+        if rec.skipped or p.optimizer is None or not params:
+            p.step_count += 1
+            return
+        if p.grad_clip is not None:
+            coef = torch.clamp(p.grad_clip / (gnorm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef)
+        for x, g in zip(params, grads):
+            x.grad = g
+        p.optimizer.step()
+        for x in params:
+            x.grad = None
+        if p.scheduler is not None:
+            p.scheduler.step()
+        p.step_count += 1
+
+    def _nonfinite(self, p: Problem, loss: Tensor, gnorm: Tensor, rec: StepRecord) -> None:
+        what = "loss" if not bool(torch.isfinite(loss.detach())) else (
+            "hypergradient" if rec.hypergrad_norm is not None and not bool(torch.isfinite(rec.hypergrad_norm))
+            else "gradient")
+        if self.on_nonfinite == "skip":
+            rec.skipped = True
+            p.skipped += 1
+            return
+        raise NonFiniteError(f"non-finite {what} in problem '{p.name}' at its step "
+                             f"{p.step_count + 1} (outer step {self.outer_step + 1}); set "
+                             "trainer.on_nonfinite: skip to skip such steps instead")
+
+    # -- hypergradients ---------------------------------------------------------------------
+    def _lower_view(self, q: Problem) -> LowerLevel:
+        def loss_fn() -> Tensor:
+            with rng.replay(q.last_rng, self._cuda):
+                return self._eval(q, q.last_batch)[0]
+
+        return LowerLevel(params=q.params(), loss=loss_fn, lr=q.lr)
+
+    def _hypergradient(self, upper: Problem, adj: dict[str, list[Tensor]]) -> list[Tensor | None]:
+        """Push the adjoints of the lower problems ``upper`` reads down every path back to
+        ``upper``'s parameters; return the summed indirect gradient."""
+        plan = self.graph.plans[upper.name]
+        own = upper.params()
+        hyper: list[Tensor | None] = [None] * len(own)
+        for name in plan.order:
+            v = adj.pop(name, None)
+            if v is None:
+                continue
+            q = self.problems[name]
+            method, opts = plan.methods[name]
+            reached = [self.problems[r] for r in plan.inputs[name]]
+            inputs = [t for r in reached for t in r.params()]
+            lower = self._lower_view(q)
+            if method == "unroll":
+                lower.trace = self._trace(q, reached)
+            contrib = METHODS[method](v, lower, inputs, **opts)
+            i = 0
+            for r in reached:
+                n = len(r.params())
+                part = contrib[i:i + n]
+                i += n
+                if r.name == upper.name:
+                    hyper = [_add(h, c) for h, c in zip(hyper, part)]
+                elif any(c is not None for c in part):
+                    prev = adj.get(r.name)
+                    part = _fill(part, r.params())
+                    adj[r.name] = part if prev is None else [a + b for a, b in zip(prev, part)]
+        return hyper
+
+    # -- unrolled (differentiable) steps ----------------------------------------------------
+    def _trace(self, q: Problem, reached: list[Problem]) -> UnrollTrace:
+        w = self._windows.get(q.name)
+        if w is None or w.steps == 0:
+            raise RuntimeError(f"no differentiable steps of '{q.name}' recorded in this outer step")
+        w.consumed = True
+        sources = []
+        for r in reached:
+            snaps = w.snaps.get(r.name, [])
+            for j in range(len(r.params())):
+                sources.append([s[j] for s in snaps])
+        return UnrollTrace(outputs=w.params, sources=sources, steps=w.steps)
+
+    def _unrolled_step(self, p: Problem, batch: Any) -> StepRecord:
+        named = p.named_params()
+        real = [x for _, x in named]
+        w = self._windows.get(p.name)
+        if w is None or w.consumed:
+            w = _Window(params=[x.detach().clone().requires_grad_(True) for x in real],
+                        states=diffopt.initial_states(p.optimizer, real), snaps={}, snap_at={})
+            self._windows[p.name] = w
+        # inputs are read through snapshots, so later in-place updates of the real parameters
+        # cannot invalidate this graph; a new snapshot is taken only when the input has changed
+        with ExitStack() as stack:
+            stack.enter_context(swap_params(p.module, {n: t for (n, _), t in zip(named, w.params)}))
+            for r in p.reads:
+                q = self.problems[r]
+                qnamed = q.named_params()
+                if w.snap_at.get(r) != q.step_count or r not in w.snaps:
+                    snap = [x.detach().clone().requires_grad_(True) for _, x in qnamed]
+                    w.snaps.setdefault(r, []).append(snap)
+                    w.snap_at[r] = q.step_count
+                stack.enter_context(swap_params(q.module, {n: t for (n, _), t in
+                                                           zip(qnamed, w.snaps[r][-1])}))
+            loss, logs = self._eval(p, batch)
+            grads = torch.autograd.grad(loss, w.params, create_graph=True, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, w.params)]
+        rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
+        rec.grad_norm = _norm(grads)
+        if not bool(torch.isfinite(rec.grad_norm) & torch.isfinite(loss.detach())):
+            self._nonfinite(p, loss, rec.grad_norm, rec)
+            p.step_count += 1
+            return rec
+        if p.grad_clip is not None:
+            grads = diffopt.clip_by_total_norm(grads, p.grad_clip)
+        new, states = diffopt.step(p.optimizer, real, w.params, grads, w.states)
+        w.params, w.states, w.steps = new, states, w.steps + 1
+        with torch.no_grad():
+            for x, t in zip(real, new):
+                x.copy_(t)
+        diffopt.write_back(p.optimizer, real, states)
+        if p.scheduler is not None:
+            p.scheduler.step()
+        p.step_count += 1
+        return rec
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"outer_step": self.outer_step,
+                "problems": {n: p.state_dict() for n, p in self.problems.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.outer_step = int(state["outer_step"])
+        for n, s in state["problems"].items():
+            self.problems[n].load_state_dict(s)
+
+
+def _fill(ts: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [t if t is not None else torch.zeros_like(x) for t, x in zip(ts, like)]
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _norm(ts: Sequence[Tensor | None]) -> Tensor:
+    present = [t.detach() for t in ts if t is not None]
+    if not present:
+        return torch.zeros(())
+    norms = torch._foreach_norm(present)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch

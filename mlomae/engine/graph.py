@@ -1,0 +1,326 @@
+"""The problem graph: dependencies, validation, the schedule, and the hypergradient paths.
+
+A dependency ``(upper U, lower L)`` says that L is solved (K_L steps) for each step of U, and
+that U's gradient may flow through L's solution. What a loss *reads* decides which of those
+paths carry anything: an upper problem U's adjoint enters a lower problem P when U's loss reads
+P, and leaves P into every problem P's loss reads that is U or lies below U. Paths that never
+return to U carry nothing and are never computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..errors import GraphError
+
+
+@dataclass(frozen=True)
+class Dependency:
+    upper: str
+    lower: str
+    method: str | None = None  # None: the graph's default
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """How the gradient of one upper problem is assembled."""
+
+    upper: str
+    enters: list[str]                  # lower problems U's loss reads whose adjoint is needed
+    order: list[str]                   # lower problems in push order (a problem before those it reads)
+    inputs: dict[str, list[str]]       # P -> problems its push reaches (U or useful lowers)
+    methods: dict[str, tuple[str, dict[str, Any]]]  # P -> (method, options)
+
+
+class Graph:
+    def __init__(self, steps: Mapping[str, int], reads: Mapping[str, Sequence[str]],
+                 dependencies: Sequence[Dependency], default_method: str = "darts",
+                 default_options: Mapping[str, Any] | None = None,
+                 known_methods: Sequence[str] | None = None):
+        self.names = list(steps)
+        self.steps = dict(steps)
+        self.reads = {n: list(reads.get(n, ())) for n in self.names}
+        self.dependencies = list(dependencies)
+        self.default_method = default_method
+        self.default_options = dict(default_options or {})
+        self.known_methods = known_methods
+        self._validate()
+        self.lowers = {n: [d.lower for d in self.dependencies if d.upper == n] for n in self.names}
+        self.uppers = {n: [d.upper for d in self.dependencies if d.lower == n] for n in self.names}
+        self.topo = self._topological()  # lowest first
+        self.plans = {n: p for n in self.names if (p := self._plan(n)) is not None}
+
+    # -- validation -------------------------------------------------------------------------
+    def _validate(self) -> None:
+        if not self.names:
+            raise GraphError("no problems declared")
+        known = set(self.names)
+        for n, k in self.steps.items():
+            if int(k) < 1:
+                raise GraphError(f"problem '{n}': steps must be a positive integer (got {k})")
+        for n, rs in self.reads.items():
+            for r in rs:
+                if r not in known:
+                    raise GraphError(f"problem '{n}' reads unknown problem '{r}'"
+                                     f"{_suggest(r, known)}")
+                if r == n:
+                    raise GraphError(f"problem '{n}' lists itself in reads")
+        seen = set()
+        for d in self.dependencies:
+            for role in ("upper", "lower"):
+                name = getattr(d, role)
+                if name not in known:
+                    raise GraphError(f"dependency {d.upper} -> {d.lower}: {role} '{name}' is not a "
+                                     f"declared problem{_suggest(name, known)}")
+            if d.upper == d.lower:
+                raise GraphError(f"dependency {d.upper} -> {d.lower}: a problem cannot depend on itself")
+            if (d.upper, d.lower) in seen:
+                raise GraphError(f"dependency {d.upper} -> {d.lower} is declared twice")
+            seen.add((d.upper, d.lower))
+            method = d.method or self.default_method
+            if self.known_methods is not None and method not in self.known_methods:
+                raise GraphError(f"dependency {d.upper} -> {d.lower}: unknown hypergradient method "
+                                 f"'{method}'{_suggest(method, set(self.known_methods))}; known: "
+                                 + ", ".join(self.known_methods))
+        if self.known_methods is not None and self.default_method not in self.known_methods:
+            raise GraphError(f"unknown hypergradient method '{self.default_method}'"
+                             f"{_suggest(self.default_method, set(self.known_methods))}; known: "
+                             + ", ".join(self.known_methods))
+        if len(self.names) > 1:
+            linked = {d.upper for d in self.dependencies} | {d.lower for d in self.dependencies}
+            for n in self.names:
+                if n not in linked:
+                    raise GraphError(f"problem '{n}' is in no dependency, so the schedule never "
+                                     "relates it to the others: add a dependency or remove it")
+        cycle = _find_cycle(self.names, [(d.upper, d.lower) for d in self.dependencies])
+        if cycle:
+            raise GraphError("dependencies form a cycle: " + " -> ".join(cycle))
+
+    def _topological(self) -> list[str]:
+        order, done = [], set()
+
+        def visit(n: str) -> None:
+            if n in done:
+                return
+            done.add(n)
+            for low in self.lowers[n]:
+                visit(low)
+            order.append(n)
+
+        for n in self.names:
+            visit(n)
+        return order
+
+    # -- hypergradient plans ----------------------------------------------------------------
+    def scope(self, upper: str) -> list[str]:
+        """Every problem below ``upper`` (transitively), lowest first."""
+        below, stack = set(), list(self.lowers[upper])
+        while stack:
+            n = stack.pop()
+            if n not in below:
+                below.add(n)
+                stack.extend(self.lowers[n])
+        return [n for n in self.topo if n in below]
+
+    def method_for(self, upper: str, lower: str) -> tuple[str, dict[str, Any]]:
+        """The edge (upper, lower)'s method if declared, else the first edge into ``lower``
+        from within ``upper``'s scope, else the default."""
+        scope = set(self.scope(upper)) | {upper}
+        direct = [d for d in self.dependencies if d.upper == upper and d.lower == lower]
+        inner = [d for d in self.dependencies if d.lower == lower and d.upper in scope]
+        for d in direct + inner:
+            if d.method is not None or d.options:
+                method = d.method or self.default_method
+                opts = dict(self.default_options) if method == self.default_method else {}
+                opts.update(d.options)
+                return method, opts
+        return self.default_method, dict(self.default_options)
+
+    def _plan(self, upper: str) -> Plan | None:
+        scope = self.scope(upper)
+        if not scope:
+            return None
+        in_scope = set(scope)
+        # useful: a lower problem from which a push can reach `upper` through reads
+        useful: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for p in scope:
+                if p not in useful and any(r == upper or r in useful for r in self.reads[p]):
+                    useful.add(p)
+                    changed = True
+        methods = {p: self.method_for(upper, p) for p in useful}
+        live = {p for p in useful if methods[p][0] != "first_order"}
+        # a first-order problem still passes nothing: drop it and what only it reached
+        changed = True
+        while changed:
+            changed = False
+            for p in list(live):
+                if not any(r == upper or r in live for r in self.reads[p]):
+                    live.discard(p)
+                    changed = True
+        if not live:
+            return None
+        inputs = {p: [r for r in self.reads[p] if r == upper or r in live] for p in live}
+        order = _push_order(sorted(live, key=scope.index), inputs)
+        if order is None:
+            raise GraphError(f"below '{upper}', problems read each other in a loop "
+                             f"({', '.join(sorted(live))}); the hypergradient is undefined")
+        enters = [r for r in self.reads[upper] if r in live and r in in_scope]
+        if not enters:
+            return None
+        return Plan(upper=upper, enters=enters, order=order, inputs=inputs,
+                    methods={p: methods[p] for p in live})
+
+    def unrolled(self) -> set[str]:
+        """Problems whose steps must be recorded differentiably."""
+        return {p for plan in self.plans.values() for p, (m, _) in plan.methods.items()
+                if m == "unroll"}
+
+    def paths(self, upper: str) -> list[list[str]]:
+        """Every path an adjoint takes from ``upper`` back to it, as problem names."""
+        plan = self.plans.get(upper)
+        if plan is None:
+            return []
+        out: list[list[str]] = []
+
+        def walk(path: list[str]) -> None:
+            for r in plan.inputs[path[-1]]:
+                if r == upper:
+                    out.append(path + [upper])
+                elif r not in path:
+                    walk(path + [r])
+
+        for e in plan.enters:
+            walk([upper, e])
+        return out
+
+    # -- schedule -------------------------------------------------------------------------
+    def cycle(self, limit: int = 100_000) -> list[str]:
+        """One period of the schedule: a lower problem runs its K steps, then its uppers step
+        (each upper steps once all its lowers have taken K steps since its own last step).
+        Leaves tick in declaration order; ready problems follow, lowest first."""
+        count = {(d.lower, d.upper): 0 for d in self.dependencies}
+        leaves = [n for n in self.names if not self.lowers[n]]
+        seq: list[str] = []
+
+        def stepped(n: str) -> None:
+            seq.append(n)
+            for u in self.uppers[n]:
+                count[(n, u)] += 1
+            for low in self.lowers[n]:
+                count[(low, n)] = 0
+
+        while True:
+            for leaf in leaves:
+                stepped(leaf)
+            progress = True
+            while progress:
+                progress = False
+                for n in self.topo:
+                    if self.lowers[n] and all(count[(low, n)] >= self.steps[low] for low in self.lowers[n]):
+                        stepped(n)
+                        progress = True
+            if all(v == 0 for v in count.values()):
+                return seq
+            if len(seq) > limit:
+                raise GraphError(f"the schedule does not repeat within {limit} problem steps; "
+                                 "check the steps of each problem")
+
+    # -- display ----------------------------------------------------------------------------
+    def describe(self) -> str:
+        lines = ["problems:"]
+        for n in self.names:
+            reads = f", reads {', '.join(self.reads[n])}" if self.reads[n] else ""
+            lines.append(f"  {n}: {self.steps[n]} step(s) per upper step{reads}")
+        lines.append("dependencies (upper -> lower):")
+        for d in self.dependencies:
+            m, opts = self.method_for(d.upper, d.lower)
+            lines.append(f"  {d.upper} -> {d.lower}  [{m}{_fmt(opts)}]")
+        lines.append("schedule (one outer step): " + " ".join(self.cycle()))
+        lines.append("hypergradient paths:")
+        any_path = False
+        for n in self.names:
+            plan = self.plans.get(n)
+            for path in self.paths(n):
+                any_path = True
+                hops = [f"{p} ({plan.methods[p][0]})" for p in path[1:-1]]
+                lines.append(f"  {n}: " + " -> ".join([n] + hops + [n]))
+        if not any_path:
+            lines.append("  none: every problem uses its direct gradient")
+        return "\n".join(lines)
+
+    def mermaid(self) -> str:
+        lines = ["graph TD"]
+        for n in self.names:
+            lines.append(f"  {n}[\"{n} (K={self.steps[n]})\"]")
+        for d in self.dependencies:
+            m, _ = self.method_for(d.upper, d.lower)
+            lines.append(f"  {d.upper} -->|{m}| {d.lower}")
+        for n in self.names:
+            for r in self.reads[n]:
+                lines.append(f"  {n} -.reads.-> {r}")
+        return "\n".join(lines)
+
+
+def _fmt(opts: Mapping[str, Any]) -> str:
+    shown = {k: v for k, v in opts.items() if v is not None}
+    return (" " + ", ".join(f"{k}={v}" for k, v in shown.items())) if shown else ""
+
+
+def _suggest(name: str, known: set[str]) -> str:
+    import difflib
+    close = difflib.get_close_matches(str(name), sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _find_cycle(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> list[str] | None:
+    nxt: dict[str, list[str]] = {n: [] for n in nodes}
+    for a, b in edges:
+        nxt.setdefault(a, []).append(b)
+    color: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(n: str) -> list[str] | None:
+        color[n] = 1
+        stack.append(n)
+        for m in nxt.get(n, []):
+            if color.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if color.get(m) is None:
+                found = dfs(m)
+                if found:
+                    return found
+        stack.pop()
+        color[n] = 2
+        return None
+
+    for n in nodes:
+        if color.get(n) is None:
+            found = dfs(n)
+            if found:
+                return found
+    return None
+
+
+def _push_order(nodes: list[str], inputs: Mapping[str, list[str]]) -> list[str] | None:
+    """Order so that a problem comes before every problem it pushes into."""
+    nodeset = set(nodes)
+    indeg = {n: 0 for n in nodes}
+    for n in nodes:
+        for r in inputs[n]:
+            if r in nodeset:
+                indeg[r] += 1
+    order, ready = [], [n for n in reversed(nodes) if indeg[n] == 0]
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for r in inputs[n]:
+            if r in nodeset:
+                indeg[r] -= 1
+                if indeg[r] == 0:
+                    ready.append(r)
+    return order if len(order) == len(nodes) else None

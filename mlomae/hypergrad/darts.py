@@ -1,0 +1,48 @@
+"""DARTS: H⁻¹ ≈ I and the mixed term by central finite differences.
+
+    -(∂²f/∂x∂θ) v ≈ -[∇_x f(θ + εv) − ∇_x f(θ − εv)] / (2ε),   ε = α / ‖v‖
+
+Two first-order evaluations of f; no second derivative, so it also runs through fused attention.
+θ is restored bit for bit afterwards (copied back, not re-added).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import LowerLevel, norm
+
+
+def darts(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, alpha: float = 0.01,
+          scale: float = 1.0, **_: object) -> list[Tensor | None]:
+    inputs = list(inputs)
+    vs = [t.detach() for t in v]
+    eps = alpha / (norm(vs).item() + 1e-12)
+    saved = [p.detach().clone() for p in lower.params]
+
+    def grad_at(sign: float) -> tuple[Tensor | None, ...]:
+        with torch.no_grad():
+            for p, s, d in zip(lower.params, saved, vs):
+                p.copy_(s).add_(d, alpha=sign * eps)
+        loss = lower.loss()
+        return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+    try:
+        plus = grad_at(+1.0)
+        minus = grad_at(-1.0)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(lower.params, saved):
+                p.copy_(s)
+    out: list[Tensor | None] = []
+    for gp, gm in zip(plus, minus):
+        if gp is None and gm is None:
+            out.append(None)
+            continue
+        gp = torch.zeros_like(gm) if gp is None else gp
+        gm = torch.zeros_like(gp) if gm is None else gm
+        out.append((gm - gp) * (scale / (2 * eps)))
+    return out

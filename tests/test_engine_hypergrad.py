@@ -1,0 +1,227 @@
+"""The engine's assembled hypergradients against explicit autograd, higher and closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bilevel import (DT, Const, RidgeLower, ValUpper, Vector, regression, ridge_ift, ridge_inner,
+                     wls_inner)
+from mlomae.engine import Dependency, Engine, Problem
+from mlomae.engine import diffopt
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def ridge_engine(method, K, opt="sgd", lr=0.1, options=None, d=5, seed=0, hyper_init=None):
+    X, y = regression(200, d, seed)
+    Xv, yv = regression(100, d, seed + 1)
+    theta = Vector(d, 0.1)
+    hyper = Vector(d, 0.0)
+    if hyper_init is not None:
+        with torch.no_grad():
+            hyper.value.copy_(hyper_init)
+    if opt == "sgd":
+        o = torch.optim.SGD(theta.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01)
+    elif opt == "plain_sgd":
+        o = torch.optim.SGD(theta.parameters(), lr=lr)
+    elif opt == "adam":
+        o = torch.optim.Adam(theta.parameters(), lr=lr, weight_decay=0.01)
+    else:
+        o = torch.optim.AdamW(theta.parameters(), lr=lr, weight_decay=0.01)
+    lower = RidgeLower("lower", theta, optimizer=o, data=Const((X, y)), steps=K, reads=["hyper"])
+    upper = ValUpper("hyper", hyper, optimizer=torch.optim.SGD(hyper.parameters(), lr=0.1),
+                     data=Const((Xv, yv)), reads=["lower"])
+    eng = Engine([lower, upper], [Dependency("hyper", "lower")], method=method, options=options or {})
+    return eng, (X, y, Xv, yv)
+
+
+def explicit_unroll(K, opt, lr, X, y, Xv, yv, d=5):
+    """Autograd through K optimizer steps written out by hand (the torch.optim formulas)."""
+    loglam = torch.zeros(d, dtype=DT, requires_grad=True)
+    theta = torch.full((d,), 0.1, dtype=DT)
+    buf = m = v = None
+    for t in range(1, K + 1):
+        g = torch.autograd.grad(ridge_inner(theta if theta.requires_grad else theta.requires_grad_(),
+                                            loglam, X, y), theta, create_graph=True)[0]
+        if opt == "sgd":  # momentum 0.9, nesterov, weight decay 0.01
+            g = g + 0.01 * theta
+            buf = g if buf is None else 0.9 * buf + g
+            theta = theta - lr * (g + 0.9 * buf)
+        else:  # adam, L2 weight decay 0.01
+            g = g + 0.01 * theta
+            m = (1 - 0.9) * g if m is None else 0.9 * m + 0.1 * g
+            v = (1 - 0.999) * g * g if v is None else 0.999 * v + 0.001 * g * g
+            mh, vh = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
+            theta = theta - lr * mh / (vh.sqrt() + 1e-8)
+    F = ((Xv @ theta - yv) ** 2).mean() / 2
+    return torch.autograd.grad(F, loglam)[0]
+
+
+@pytest.mark.parametrize("opt,lr", [("sgd", 0.05), ("adam", 0.01)])
+def test_unroll_equals_explicit_autograd(opt, lr):
+    K = 4
+    eng, (X, y, Xv, yv) = ridge_engine("unroll", K, opt=opt, lr=lr)
+    eng.prefix("hyper")
+    _, direct, hyper = eng.gradient("hyper")
+    expected = explicit_unroll(K, opt, lr, X, y, Xv, yv)
+    assert rel(direct[0] + hyper[0], expected) < 1e-10
+
+
+def test_unroll_equals_higher():
+    """higher 0.2.1's differentiable SGD (momentum, nesterov, weight decay) over the same steps."""
+    higher = pytest.importorskip("higher")
+    K, lr = 5, 0.05
+    eng, (X, y, Xv, yv) = ridge_engine("unroll", K, opt="sgd", lr=lr)
+    eng.prefix("hyper")
+    _, direct, hyper = eng.gradient("hyper")
+
+    theta, loglam = Vector(5, 0.1), Vector(5, 0.0)
+    opt = torch.optim.SGD(theta.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.01)
+    with higher.innerloop_ctx(theta, opt, copy_initial_weights=True) as (fm, diffopt_):
+        for _ in range(K):
+            diffopt_.step(ridge_inner(fm(), loglam(), X, y))
+        F = ((Xv @ fm() - yv) ** 2).mean() / 2
+        theirs = torch.autograd.grad(F, loglam.value)[0]
+    assert rel(direct[0] + hyper[0], theirs) < 1e-10
+
+
+@pytest.mark.parametrize("method,options,tol", [("cg", {"iters": 20}, 1e-6),
+                                                ("neumann", {"iters": 400, "eta": 0.4}, 1e-6)])
+def test_implicit_methods_through_engine_reach_ift(method, options, tol):
+    """Lower run to convergence (400 plain SGD steps on a well-conditioned ridge), then the
+    engine's hypergradient equals the implicit-function-theorem value at θ*."""
+    eng, (X, y, Xv, yv) = ridge_engine(method, 400, opt="plain_sgd", lr=0.5, options=options)
+    eng.prefix("hyper")
+    exact, theta_star = ridge_ift(torch.zeros(5, dtype=DT), X, y, Xv, yv)
+    assert rel(eng.problems["lower"].module.value.detach(), theta_star) < 1e-12
+    _, direct, hyper = eng.gradient("hyper")
+    assert float(direct[0].abs().max()) == 0.0  # F does not read λ directly
+    assert rel(hyper[0], exact) < tol
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
+def test_differentiable_updates_reproduce_torch_optim(opt):
+    """diffopt.step over 6 steps equals torch.optim's own steps, state included."""
+    g = torch.Generator().manual_seed(0)
+    p_ref = torch.nn.Parameter(torch.randn(7, generator=g, dtype=DT))
+    p_diff = torch.nn.Parameter(p_ref.detach().clone())
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8, dampening=0.1, weight_decay=0.05),
+            "adam": lambda ps: torch.optim.Adam(ps, lr=0.1, betas=(0.8, 0.99), weight_decay=0.05),
+            "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.05)}[opt]
+    ref, mine = make([p_ref]), make([p_diff])
+    grads = [torch.randn(7, generator=g, dtype=DT) for _ in range(6)]
+    t = p_diff.detach().clone().requires_grad_(True)
+    states = diffopt.initial_states(mine, [p_diff])
+    for gr in grads:
+        p_ref.grad = gr.clone()
+        ref.step()
+        (t,), states = diffopt.step(mine, [p_diff], [t], [gr.clone()], states)
+    assert torch.allclose(t.detach(), p_ref.detach(), rtol=0, atol=1e-13)
+    diffopt.write_back(mine, [p_diff], states)
+    for k, val in ref.state[p_ref].items():
+        assert torch.allclose(torch.as_tensor(mine.state[p_diff][k], dtype=DT),
+                              torch.as_tensor(val, dtype=DT), rtol=0, atol=1e-13), k
+
+
+# -- a three-level graph: chained unroll equals autograd through every level -------------
+
+class Pretrain(Problem):
+    """Weighted least squares whose per-sample weights σ(T) belong to the mask problem."""
+
+    def loss(self, batch):
+        X, y = batch
+        return wls_inner(self.module(), self.read("mask")(), X, y)
+
+
+class Finetune(Problem):
+    """Fits targets shifted by the pretrained vector: reads pretrain (below it)."""
+
+    def loss(self, batch):
+        X, y = batch
+        c, e = self.module(), self.read("pretrain")()
+        return ((X @ (c + e) - y) ** 2).mean() / 2 + 0.05 * (c ** 2).sum()
+
+
+class Mask(Problem):
+    def loss(self, batch):
+        X, y = batch
+        c, e = self.read("finetune")(), self.read("pretrain")()
+        return ((X @ (c + 0.5 * e) - y) ** 2).mean() / 2
+
+
+def three_level(method, K_pre=3, options=None):
+    d, n = 4, 30
+    Xp, yp = regression(n, d, 10, noise=0.5)
+    Xf, yf = regression(40, d, 11)
+    Xm, ym = regression(25, d, 12)
+    E, C, T = Vector(d, 0.2), Vector(d, -0.1), Vector(n, 0.0)
+    with torch.no_grad():
+        T.value.copy_(0.5 * torch.randn(n, generator=torch.Generator().manual_seed(13), dtype=DT))
+    pre = Pretrain("pretrain", E, optimizer=torch.optim.SGD(E.parameters(), lr=0.3, momentum=0.5),
+                   data=Const((Xp, yp)), steps=K_pre, reads=["mask"])
+    ft = Finetune("finetune", C, optimizer=torch.optim.SGD(C.parameters(), lr=0.2),
+                  data=Const((Xf, yf)), steps=1, reads=["pretrain"])
+    mk = Mask("mask", T, optimizer=torch.optim.SGD(T.parameters(), lr=1.0),
+              data=Const((Xm, ym)), reads=["finetune", "pretrain"])
+    deps = [Dependency("mask", "pretrain"), Dependency("finetune", "pretrain"),
+            Dependency("mask", "finetune")]
+    eng = Engine([pre, ft, mk], deps, method=method, options=options or {})
+    return eng, (Xp, yp, Xf, yf, Xm, ym), (E, C, T)
+
+
+def test_three_level_chained_unroll_equals_autograd_through_all_levels():
+    K = 3
+    eng, (Xp, yp, Xf, yf, Xm, ym), (E, C, T) = three_level("unroll", K)
+    assert eng.schedule == ["pretrain"] * K + ["finetune", "mask"]
+    T0, E0, C0 = T.value.detach().clone(), E.value.detach().clone(), C.value.detach().clone()
+    eng.prefix("mask")
+    _, direct, hyper = eng.gradient("mask")
+
+    t = T0.clone().requires_grad_(True)
+    e, buf = E0.clone().requires_grad_(True), None
+    for _ in range(K):  # SGD momentum 0.5, lr 0.3
+        g = torch.autograd.grad(wls_inner(e, t, Xp, yp), e, create_graph=True)[0]
+        buf = g if buf is None else 0.5 * buf + g
+        e = e - 0.3 * buf
+    c = C0.clone().requires_grad_(True)
+    gc = torch.autograd.grad(((Xf @ (c + e) - yf) ** 2).mean() / 2 + 0.05 * (c ** 2).sum(), c,
+                             create_graph=True)[0]
+    c = c - 0.2 * gc
+    F = ((Xm @ (c + 0.5 * e) - ym) ** 2).mean() / 2
+    expected = torch.autograd.grad(F, t)[0]
+    assert rel(direct[0] + hyper[0], expected) < 1e-10
+    # both paths carry something: through finetune and directly through pretrain
+    assert [p for p in eng.graph.paths("mask")] == [["mask", "finetune", "pretrain", "mask"],
+                                                    ["mask", "pretrain", "mask"]]
+
+
+def test_finetune_gets_only_its_direct_gradient():
+    """pretrain's loss does not read finetune, so no path returns to finetune: no plan, and
+    the engine computes no hypergradient for it."""
+    eng, _, _ = three_level("darts")
+    assert "finetune" not in eng.graph.plans
+    assert set(eng.graph.plans) == {"mask"}
+
+
+def test_darts_chain_matches_formula_composition():
+    """Chained DARTS on the three-level graph equals the two pushes done by hand with the
+    same finite differences (adjoints summed before the push through pretrain)."""
+    from mlomae.hypergrad import METHODS, LowerLevel
+    eng, (Xp, yp, Xf, yf, Xm, ym), (E, C, T) = three_level("darts", options={"alpha": 0.01})
+    eng.prefix("mask")
+    state = {k: v.value.detach().clone() for k, v in (("E", E), ("C", C), ("T", T))}
+    _, _, hyper = eng.gradient("mask")
+
+    e = state["E"].clone().requires_grad_(True)
+    c = state["C"].clone().requires_grad_(True)
+    t = state["T"].clone().requires_grad_(True)
+    F = ((Xm @ (c + 0.5 * e) - ym) ** 2).mean() / 2
+    vc, ve = torch.autograd.grad(F, [c, e])
+    ft = LowerLevel([c], lambda: ((Xf @ (c + e) - yf) ** 2).mean() / 2 + 0.05 * (c ** 2).sum())
+    (to_e,) = METHODS["darts"]([vc], ft, [e], alpha=0.01)
+    pre = LowerLevel([e], lambda: wls_inner(e, t, Xp, yp))
+    (to_t,) = METHODS["darts"]([ve + to_e], pre, [t], alpha=0.01)
+    assert rel(hyper[0], to_t) < 1e-10
