@@ -36,9 +36,10 @@ def fetch(name: str, root: str | None = None, check_only: bool = False) -> bool:
     try:
         sizes = [len(build_dataset(name, root, split, download=True)) for split in ("train", "test")]
     except MlomaeError as e:
-        print(f"{name}: {e}\nNo internet here? Install Debian's dataset-fashion-mnist "
-              f"(apt-get install dataset-fashion-mnist) for Fashion-MNIST, or copy the files "
-              f"into {target}.", file=sys.stderr)
+        hint = ("install Debian's dataset-fashion-mnist (as root: apt-get install "
+                "dataset-fashion-mnist), or " if name == "fashion_mnist" else "")
+        print(f"{name}: {e}\nNo internet here? {hint}copy the files into {target}.",
+              file=sys.stderr)
         return False
     print(f"{name}: downloaded ({sizes[0]} train / {sizes[1]} test images) into {target}")
     return True

@@ -124,8 +124,8 @@ def _idx_dataset(meta: DatasetMeta, tv_name: str, debian: str, root, split, down
             raise DataError(f"downloading {tv_name} into {roots[0]} failed: {e}") from e
         found = [_find_idx(dirs, s) for s in stems]
     if None in found:
-        missing = [s for s, f in zip(stems, found) if f is None]
-        raise missing_data(f"{meta.name} ({split}: {', '.join(missing)}[.gz])", dirs)
+        missing = [f"{s}[.gz]" for s, f in zip(stems, found) if f is None]
+        raise missing_data(f"{meta.name} {split} split (files {', '.join(missing)})", dirs)
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{found[0]} has {images.shape[0]} images but {found[1]} has "
@@ -183,7 +183,7 @@ def _cifar(meta: DatasetMeta, folder: str, files: dict[str, list[str]], label_ke
             raise DataError(f"downloading {tv_name} into {roots[0]} failed: {e}") from e
         found = next((d for d in dirs if all((d / f).is_file() for f in wanted)), None)
     if found is None:
-        raise missing_data(f"{meta.name} ({split}: {', '.join(wanted)})", dirs)
+        raise missing_data(f"{meta.name} {split} split (files {', '.join(wanted)})", dirs)
     xs, ys = [], []
     for f in wanted:
         batch = _unpickle(found / f)
