@@ -39,9 +39,10 @@ def test_num_masked_follows_mae_rounding():
     assert num_masked(64, 0.75) == 48
     assert num_masked(10, 0.9) == 9
     assert num_masked(4, 0.5) == 2
+    assert num_masked(196, torch.tensor(0.75)) == 147   # 0-d tensors (and numpy scalars) work
 
 
-@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, None, "0.75", True])
 def test_num_masked_rejects_ratio_outside_open_interval(bad):
     """The brief: a ratio outside (0, 1) raises ValueError naming the value."""
     with pytest.raises(ValueError, match=repr(bad)):

@@ -17,6 +17,8 @@ def set_fused_attention(module: nn.Module, enabled: bool) -> dict[nn.Module, boo
 
     timm's fused path calls ``F.scaled_dot_product_attention``, whose CPU kernel has no double
     backward; second-order hypergradient methods need the plain ``softmax(q k^T) v`` path.
+    Only modules that exist now change; ones built later take timm's global default
+    (``timm.layers.set_fused_attn``).
     """
     previous = {}
     for m in module.modules():

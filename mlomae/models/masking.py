@@ -55,9 +55,13 @@ def num_masked(L: int, ratio: float) -> int:
     the masked count rounds up (L=49, ratio=0.75: 12 visible, 37 masked). A 1e-9 guard keeps float
     error from dropping a visible patch (10 * (1 - 0.9) = 0.9999999999999998).
     """
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+    try:   # numpy scalars and 0-d tensors are fine; strings and bools are config mistakes
+        r = float("nan") if isinstance(ratio, (str, bytes, bool)) else float(ratio)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if not 0.0 < r < 1.0:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio!r}")
-    keep = int(L * (1.0 - ratio) + 1e-9)
+    keep = int(L * (1.0 - r) + 1e-9)
     if keep < 1 or keep > L - 1:
         raise ValueError(f"mask ratio {ratio!r} leaves {keep} of {L} patches visible; "
                          f"need at least one masked and one visible")
