@@ -126,3 +126,22 @@ def test_one_epoch_of_the_80_percent_split(fmnist):
     assert np.isin(seen, idx["finetune"]).all()
     x, y = next(loader)
     assert x.shape == (256, 1, 28, 28) and y.shape == (256,)
+
+
+def test_fetch_reports_present_data_and_fails_clearly_on_absent(capsys, tmp_path, monkeypatch):
+    from mlomae.data import fetch
+    assert fetch.main(["fashion_mnist", "--check", "--root", str(tmp_path)]) == 0
+    assert "fashion_mnist: present (60000 train / 10000 test images" in capsys.readouterr().out
+    monkeypatch.setenv("MLOMAE_DATA", str(tmp_path))
+    assert fetch.main(["cifar10", "--check", "--root", str(tmp_path)]) == 1
+    assert str(tmp_path / "cifar-10-batches-py") in capsys.readouterr().err
+
+
+def test_get_data_script_is_quick_when_the_data_is_there():
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / "scripts" / "get_data.sh"
+    t0 = time.perf_counter()
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"fashion_mnist: present in {DEBIAN}"
+    assert time.perf_counter() - t0 < 5

@@ -85,3 +85,23 @@ def test_synthetic_classification_is_balanced_images():
     assert (means[0] - means[1]).abs().mean() > 0.05
     test = build_dataset("synthetic_classification", split="test", n=200, image_size=16)
     assert not torch.equal(test.images, ds.images[:200])
+
+
+def test_load_data_builds_only_the_base_splits_read_and_resolves_roles(tmp_path):
+    from mlomae.data import load_data, load_split_indices
+    specs = {"pretrain": "train", "finetune": "train@balanced:10%", "mask": "train[80%:]"}
+    data = load_data("synthetic_classification", specs, seed=0, n=500, image_size=8,
+                     disjoint=())  # finetune (all of train) overlaps mask on purpose
+    assert set(data.datasets) == {"train"} and data.meta.num_classes == 10
+    assert data.sources == {"pretrain": "train", "finetune": "train", "mask": "train"}
+    # 500 items = 50 per class; 10% of 50 = 5 per class
+    ft = data.dataset("finetune").labels[data.indices["finetune"]]
+    assert ft.bincount().tolist() == [5] * 10
+    x, y = next(data.loader("mask", 25, seed=1))
+    assert x.shape == (25, 1, 8, 8) and data.indices["mask"].size == 100  # 500 - round(0.8 * 500)
+    data.save(tmp_path)
+    assert np.array_equal(load_split_indices(tmp_path)["mask"], data.indices["mask"])
+    with pytest.raises(ConfigError, match="no data split for role 'test'"):
+        data.dataset("test")
+    with pytest.raises(ConfigError, match="role 'mask' reads the test split"):
+        load_data("synthetic_classification", {"mask": "test"}, seed=0, n=50)

@@ -2,6 +2,12 @@
 
 Nothing here reads YAML: every function takes plain arguments.
 
+    data = load_data("fashion_mnist", {"pretrain": "train", "finetune": "train[:80%]",
+                                       "mask": "train[80%:]", "test": "test"}, seed=0)
+    loader = data.loader("pretrain", 256, seed=0, transform=pretrain_transform(data.meta, 28))
+
+or piece by piece:
+
     ds = build_dataset("fashion_mnist", root=None, split="train")      # TensorImageDataset
     idx = resolve_splits({"pretrain": "train", "finetune": "train[:80%]", "mask": "train[80%:]"},
                          {"train": ds}, seed=0)
@@ -12,6 +18,7 @@ Nothing here reads YAML: every function takes plain arguments.
 
 from mlomae.data.base import (DATA_ENV, DatasetMeta, TensorImageDataset, TensorPairDataset,
                               data_roots, dataset_labels)
+from mlomae.data.bundle import DataBundle, load_data
 from mlomae.data.folder import FolderImageDataset
 from mlomae.data.loader import InfiniteLoader, make_loader
 from mlomae.data.sources import DATASETS, DatasetEntry, build_dataset, read_idx
@@ -20,9 +27,9 @@ from mlomae.data.splits import (SplitSpec, base_permutation, check_disjoint, loa
 from mlomae.data.transforms import BatchTransform, eval_transform, pretrain_transform
 
 __all__ = [
-    "DATA_ENV", "DATASETS", "BatchTransform", "DatasetEntry", "DatasetMeta", "FolderImageDataset",
-    "InfiniteLoader", "SplitSpec", "TensorImageDataset", "TensorPairDataset", "base_permutation",
-    "build_dataset", "check_disjoint", "data_roots", "dataset_labels", "eval_transform",
-    "load_split_indices", "make_loader", "parse_split", "pretrain_transform", "read_idx",
-    "resolve_split", "resolve_splits", "save_split_indices",
+    "DATA_ENV", "DATASETS", "BatchTransform", "DataBundle", "DatasetEntry", "DatasetMeta",
+    "FolderImageDataset", "InfiniteLoader", "SplitSpec", "TensorImageDataset", "TensorPairDataset",
+    "base_permutation", "build_dataset", "check_disjoint", "data_roots", "dataset_labels",
+    "eval_transform", "load_data", "load_split_indices", "make_loader", "parse_split",
+    "pretrain_transform", "read_idx", "resolve_split", "resolve_splits", "save_split_indices",
 ]

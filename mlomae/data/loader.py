@@ -118,10 +118,10 @@ class InfiniteLoader:
         if not 0 <= position <= len(self):
             raise ConfigError(f"loader position {position} outside 0..{len(self)} (resumed with "
                               f"another batch size or split?)", key="position", value=position)
+        self.close()
         self.epoch, self.position, self.seed = int(state["epoch"]), position, int(state["seed"])
         if self.position == len(self):
             self.epoch, self.position = self.epoch + 1, 0
-        self._it = None
 
     # ---- iteration ------------------------------------------------------------------------------
 
@@ -130,11 +130,13 @@ class InfiniteLoader:
 
     def __next__(self):
         if self._it is None:
-            self._it = self._epoch_iter(self.epoch, self.position)
-        batch = next(self._it)
+            self._it = self._raw_batches(self.epoch, self.position)
+        x, y = next(self._it)
+        batch = self._finish(x, y, self.epoch, self.position)
         self.position += 1
         if self.position == len(self):
-            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+            self.close()
+            self.epoch, self.position = self.epoch + 1, 0
         return batch
 
     def iter_epoch(self):
@@ -142,16 +144,22 @@ class InfiniteLoader:
         for _ in range(len(self) - self.position):
             yield next(self)
 
-    def _epoch_iter(self, epoch: int, start: int):
+    def close(self) -> None:
+        """Stop the worker processes of the current epoch, if any (they also stop with the loader)."""
+        it, self._it = self._it, None
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def _raw_batches(self, epoch: int, start: int) -> Iterator:
+        """Untransformed batches from ``start`` on; holds no reference to ``self``, so that a
+        dropped loader is freed (and its workers stopped) at once."""
         batches = self._rank_batches(epoch)[start:]
         if hasattr(self.dataset, "gather"):
-            raw = (self.dataset.gather(torch.from_numpy(np.ascontiguousarray(b))) for b in batches)
-        else:
-            items = _Uint8Items(self.dataset) if hasattr(self.dataset, "get_uint8") else self.dataset
-            raw = iter(DataLoader(items, batch_sampler=[b.tolist() for b in batches],
-                                  num_workers=self.num_workers))
-        for step, (x, y) in enumerate(raw, start):
-            yield self._finish(x, y, epoch, step)
+            gather = self.dataset.gather
+            return (gather(torch.from_numpy(np.ascontiguousarray(b))) for b in batches)
+        items = _Uint8Items(self.dataset) if hasattr(self.dataset, "get_uint8") else self.dataset
+        return iter(DataLoader(items, batch_sampler=[b.tolist() for b in batches],
+                               num_workers=self.num_workers))
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int):
         if self.device is not None:
