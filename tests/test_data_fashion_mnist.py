@@ -145,3 +145,26 @@ def test_get_data_script_is_quick_when_the_data_is_there():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"fashion_mnist: present in {DEBIAN}"
     assert time.perf_counter() - t0 < 5
+
+
+def test_download_path_asks_torchvision_for_the_first_root(tmp_path, monkeypatch):
+    # No internet in tests: a stand-in for torchvision's FashionMNIST writes what its download
+    # would (the .gz files under ROOT/FashionMNIST/raw), copied from the Debian package.
+    import torchvision
+    calls = []
+
+    class FakeFashionMNIST:
+        def __init__(self, root, train=True, download=False):
+            calls.append((root, train, download))
+            raw = Path(root) / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            for f in DEBIAN.glob("t10k-*.gz"):
+                shutil.copy(f, raw / f.name)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
+    monkeypatch.setattr(sources, "DEBIAN_DIR", tmp_path / "no_debian")
+    with pytest.raises(DataError):
+        build_dataset("fashion_mnist", root=tmp_path / "r", split="test")  # download=False
+    assert calls == []
+    ds = build_dataset("fashion_mnist", root=tmp_path / "r", split="test", download=True)
+    assert calls == [(str(tmp_path / "r"), False, True)] and len(ds) == 10000

@@ -76,7 +76,8 @@ def build_dataset(name: str = "fashion_mnist", root: str | os.PathLike | None = 
     try:
         inspect.signature(build).bind(root, split, download, **kw)
     except TypeError:
-        allowed = [p for p in inspect.signature(build).parameters if p not in ("root", "split", "download")]
+        allowed = [p for p in inspect.signature(build).parameters
+                   if p not in ("root", "split", "download")]
         bad = sorted(set(kw) - set(allowed))
         raise ConfigError(f"dataset '{name}' takes no option {', '.join(bad)}",
                           key=f"data.{bad[0]}" if bad else "data", value=kw,

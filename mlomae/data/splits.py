@@ -21,7 +21,8 @@ Semantics, in order:
 3. ``labels_per_class`` f keeps, for every class c with n_c items in the slice, the first
    max(1, floor(f * n_c + 1/2)) of them in permuted order; an integer k keeps k per class. The
    result keeps the permuted order.
-In a dict, a float range entry is a fraction, an integer one a count ([0, 0.8] = the first 80%).
+In a dict, a float (range entry or labels_per_class) is a fraction and an integer a count:
+[0, 0.8] is the first 80%, labels_per_class 1 is one item per class and 1.0 all of them.
 """
 
 from __future__ import annotations
