@@ -1,0 +1,223 @@
+"""From a validated config to a ready engine: data, models, optimizers, problems.
+
+``build`` has no effect on disk (it is what ``mlomae validate`` runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .config import Config, check_kwargs, flatten, instantiate, locate, _did_you_mean
+from .engine import Dependency, Engine, Problem
+from .engine.graph import Graph
+from .errors import ConfigError, DataError, MlomaeError
+from .optim import build_optimizer, build_scheduler
+
+DATA_KEYS = {"dataset", "root", "download", "options", "batch_size", "num_workers", "splits",
+             "img_size", "channels", "augment", "disjoint", "eval_batch_size"}
+PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available on this machine", key="trainer.device", value=name,
+                          hint="use trainer.device=cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+@dataclass
+class DataBundle:
+    """Base datasets, every role's indices, and loaders on demand."""
+
+    cfg: Config
+    meta: Any
+    datasets: dict[str, Any]
+    indices: dict[str, np.ndarray]
+    specs: dict[str, Any]
+    section: dict[str, Any]
+    rank: int = 0
+    world: int = 1
+
+    def source(self, role: str) -> str:
+        from .data import parse_split
+        return parse_split(self.specs[role]).source
+
+    def transform(self, augment: bool):
+        from .data import eval_transform, pretrain_transform
+        if self.meta.task != "classification" or self.meta.channels is None:
+            return None
+        size = self.section.get("img_size") or self.meta.image_size[0]
+        ch = self.section.get("channels")
+        if augment and self.section.get("augment", True):
+            return pretrain_transform(self.meta, size, channels=ch)
+        return eval_transform(self.meta, size, channels=ch)
+
+    def loader(self, role: str, batch_size: int | None = None, augment: bool = False,
+               shuffle: bool = True, drop_last: bool = True, seed: int | None = None,
+               device: torch.device | None = None):
+        from .data import make_loader
+        base = self.cfg["seed"] if seed is None else seed
+        return make_loader(self.datasets[self.source(role)], self.indices[role],
+                           batch_size or self.section.get("batch_size", 128), shuffle=shuffle,
+                           seed=base + zlib.crc32(role.encode()) % 100_000, drop_last=drop_last,
+                           num_workers=self.section.get("num_workers", 0),
+                           transform=self.transform(augment), rank=self.rank,
+                           world_size=self.world, device=device)
+
+
+def build_data(cfg: Config, rank: int = 0, world: int = 1) -> DataBundle | None:
+    section = cfg.get("data")
+    if section is None:
+        return None
+    for k in section:
+        if k not in DATA_KEYS:
+            raise cfg.error("unknown key" + _did_you_mean(k, DATA_KEYS), key=f"data.{k}",
+                            hint="known keys: " + ", ".join(sorted(DATA_KEYS)))
+    from .data import build_dataset, parse_split, resolve_splits
+    splits = section.get("splits") or {"train": "train"}
+    try:
+        bases = {parse_split(s, key=f"data.splits.{r}").source for r, s in splits.items()}
+        datasets = {b: build_dataset(section["dataset"], section.get("root"), split=b,
+                                     download=bool(section.get("download", False)),
+                                     **(section.get("options") or {})) for b in sorted(bases)}
+        disjoint = section.get("disjoint", ["finetune", "mask"])
+        indices = resolve_splits(splits, datasets, cfg["seed"], disjoint=disjoint)
+    except ConfigError as e:
+        raise e.located(file=cfg.file) from None
+    except DataError as e:
+        raise DataError(f"{cfg.file}: {e}") from None
+    meta = next(iter(datasets.values())).meta
+    return DataBundle(cfg, meta, datasets, indices, dict(splits), dict(section), rank, world)
+
+
+# -- building -------------------------------------------------------------------------------
+
+@dataclass
+class Built:
+    cfg: Config
+    device: torch.device
+    models: dict[str, nn.Module]
+    problems: dict[str, Problem]
+    engine: Engine
+    data: DataBundle | None
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+def build_models(cfg: Config, device: torch.device) -> dict[str, nn.Module]:
+    models = {}
+    for name, spec in cfg["models"].items():
+        m = instantiate(spec, cfg, f"models.{name}")
+        if not isinstance(m, nn.Module):
+            raise cfg.error("target is not a torch.nn.Module", key=f"models.{name}.target",
+                            value=spec["target"])
+        models[name] = m.to(device)
+    return models
+
+
+def build(cfg: Config, *, rank: int = 0, world: int = 1, callbacks=()) -> Built:
+    """Everything short of training: data, models, optimizers, problems, the engine."""
+    tr = cfg["trainer"]
+    if tr["threads"]:
+        torch.set_num_threads(tr["threads"])
+    device = select_device(tr["device"])
+    seed_everything(cfg["seed"] + rank)
+    if tr["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    data = build_data(cfg, rank, world)
+    seed_everything(cfg["seed"])  # model initialisation identical on every rank
+    models = build_models(cfg, device)
+    deps = dependencies(cfg)
+    hg = dict(cfg["hypergrad"])
+    method = hg.pop("method", "darts")
+    # how many steps each problem takes over the run, for learning-rate schedules
+    cycle = build_graph(cfg).cycle()
+    problems: dict[str, Problem] = {}
+    for name, spec in cfg["problems"].items():
+        key = f"problems.{name}"
+        cls = locate(spec["target"], cfg, f"{key}.target")
+        if not (isinstance(cls, type) and issubclass(cls, Problem)):
+            raise cfg.error("target is not a subclass of mlomae.engine.Problem",
+                            key=f"{key}.target", value=spec["target"])
+        module = models[spec["module"]] if spec["module"] else nn.Module()
+        opt = build_optimizer(module, spec["optimizer"], cfg, f"{key}.optimizer") if spec["optimizer"] else None
+        total = cycle.count(name) * tr["steps"]
+        sched = build_scheduler(opt, spec["scheduler"], total, cfg, f"{key}.scheduler")
+        loader = None
+        if spec["data"] is not None:
+            if data is None:
+                raise cfg.error("names a split but the experiment has no data section",
+                                key=f"{key}.data", value=spec["data"])
+            loader = data.loader(spec["data"], spec["batch_size"],
+                                 augment=getattr(cls, "augment", False), device=device)
+        common = dict(name=name, module=module, optimizer=opt, scheduler=sched, data=loader,
+                      steps=spec["steps"], grad_clip=spec["grad_clip"], reads=spec["reads"])
+        args = dict(spec["args"])
+        if getattr(cls, "wants_context", False):
+            args["context"] = {"data": data, "models": models, "device": device, "config": cfg}
+        check_kwargs(cls, {**args, **common}, cfg, key)
+        try:
+            problems[name] = cls(**common, **args)
+        except (ValueError, TypeError) as e:
+            raise cfg.error(f"building the problem failed: {e}", key=key) from None
+    try:
+        engine = Engine(list(problems.values()), deps, method=method, options=hg, device=device,
+                        on_nonfinite=tr["on_nonfinite"], autocast_dtype=PRECISION[tr["precision"]],
+                        callbacks=list(callbacks))
+    except MlomaeError as e:
+        raise ConfigError(str(e), file=cfg.file, key="dependencies") from None
+    return Built(cfg, device, models, problems, engine, data)
+
+
+def config_digest(cfg: Config) -> str:
+    """Identifies an experiment for --resume: the resolved config less the step budget."""
+    d = dict(cfg.data)
+    d["trainer"] = {k: v for k, v in d["trainer"].items() if k != "steps"}
+    d.pop("tracking", None)
+    return hashlib.sha256(repr(sorted(flatten(d).items())).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import timm
+    return {"mlomae": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
+def dependencies(cfg: Config) -> list[Dependency]:
+    return [Dependency(d["upper"], d["lower"], (d["hypergrad"] or {}).get("method"),
+                       {k: v for k, v in (d["hypergrad"] or {}).items() if k != "method"})
+            for d in cfg["dependencies"]]
+
+
+def build_graph(cfg: Config) -> Graph:
+    """The problem graph alone (no models, no data): for ``mlomae graph``."""
+    from .hypergrad import METHODS
+    hg = dict(cfg["hypergrad"])
+    method = hg.pop("method", "darts")
+    names = list(cfg["problems"])
+    try:
+        return Graph({n: cfg["problems"][n]["steps"] for n in names},
+                     {n: cfg["problems"][n]["reads"] for n in names}, dependencies(cfg), method, hg,
+                     known_methods=list(METHODS))
+    except MlomaeError as e:
+        raise ConfigError(str(e), file=cfg.file, key="dependencies") from None

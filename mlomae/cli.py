@@ -1,0 +1,235 @@
+"""The ``mlomae`` command: parses, calls, prints.
+
+Errors caused by input (``MlomaeError``) print one line and exit with code 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, MlomaeError
+
+EXIT_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def _load(path: str, overrides: list[str]):
+    from . import config
+    return config.load(path, overrides)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import Runner, Stopped
+    from .config import Config, apply_override, validate
+    if args.resume:
+        rd = Path(args.resume)
+        cfg_file = rd / "config.yaml"
+        if not cfg_file.exists():
+            raise ConfigError("not a run directory (no config.yaml)", key="--resume", value=str(rd))
+        cfg = _load(str(cfg_file), args.overrides)
+        cfg.file = str(cfg_file)
+        run_dir, resume = rd, True
+    else:
+        if not args.experiment:
+            raise ConfigError("give an experiment file, or --resume RUN_DIR")
+        cfg = _load(args.experiment, args.overrides)
+        run_dir, resume = args.run_dir, False
+    from .distributed import setup as dist_setup
+    rank, world = dist_setup(cfg)
+    try:
+        runner = Runner(cfg, run_dir=run_dir, resume=resume, tracking=not args.no_tracking,
+                        rank=rank, world=world)
+        try:
+            summary = runner.run()
+        except Stopped as e:
+            print(f"stopped; resume with: mlomae run --resume {runner.run_dir.path}", file=sys.stderr)
+            return 128 + e.signum
+    finally:
+        from .distributed import teardown
+        teardown()
+    if rank == 0:
+        print(f"run directory: {runner.run_dir.path}")
+        for k, v in summary["eval"].items():
+            if isinstance(v, float):
+                print(f"{k}: {v:.4f}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .build import build
+    cfg = _load(args.experiment, args.overrides)
+    built = build(cfg)
+    n_params = {n: sum(p.numel() for p in m.parameters()) for n, m in built.models.items()}
+    print(f"{cfg.file}: ok")
+    print(f"  problems: {', '.join(built.problems)}; schedule: {' '.join(built.engine.schedule)}")
+    print("  models: " + ", ".join(f"{n} ({c / 1e6:.2f}M params)" for n, c in n_params.items()))
+    if built.data is not None:
+        print("  splits: " + ", ".join(f"{r}={len(i)}" for r, i in built.data.indices.items()))
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from .build import build_graph
+    cfg = _load(args.experiment, args.overrides)
+    graph = build_graph(cfg)
+    if args.format in ("text", "both"):
+        print(graph.describe())
+    if args.format in ("mermaid", "both"):
+        if args.format == "both":
+            print()
+        print("```mermaid\n" + graph.mermaid() + "\n```" if args.format == "both" else graph.mermaid())
+    return 0
+
+
+def cmd_check_hypergrad(args: argparse.Namespace) -> int:
+    from .check import check_hypergrad, format_table
+    cfg = _load(args.experiment, args.overrides)
+    methods = args.methods.split(",") if args.methods else None
+    rows = check_hypergrad(cfg, methods=methods)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep
+    rows = sweep(args.experiment, args.grid, args.overrides, no_tracking=args.no_tracking)
+    return 0 if all(r.get("status") == "FINISHED" for r in rows) else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .sweep import compare
+    print(compare(args.experiment, uri=args.uri, metrics=args.metrics))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .tracking import sync
+    try:
+        n, run_id = sync(args.run_dir, uri=args.uri)
+    except FileNotFoundError as e:
+        raise ConfigError(f"not a run directory: {e}", key="RUN_DIR", value=args.run_dir) from None
+    except ConnectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"delivered {n} metric records to MLflow run {run_id}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.cli import main as eval_main
+    return eval_main(args)
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    from .eval.cli import masks_main
+    return masks_main(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .eval.cli import export_main
+    return export_main(args)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlomae", description="Multilevel optimization for masked "
+                                "image modeling: declare problems and dependencies in YAML, train them together.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        return sp
+
+    sp = add("run", cmd_run, "train an experiment (or resume a run)")
+    sp.add_argument("experiment", nargs="?", help="experiment YAML file")
+    sp.add_argument("overrides", nargs="*", help="key.path=value overrides (+key=value adds a key)")
+    sp.add_argument("--run-dir", help="run directory (default: tracking.runs_dir/NAME-TIMESTAMP)")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    sp.add_argument("--no-tracking", action="store_true", help="no MLflow (the run directory is still written)")
+
+    for name, fn, help in (("validate", cmd_validate, "check an experiment: schema, graph, targets, data"),
+                           ("graph", cmd_graph, "show problems, dependencies, schedule and hypergradient paths"),
+                           ("check-hypergrad", cmd_check_hypergrad,
+                            "compare every hypergradient method with the exact unroll at the initial state")):
+        sp = add(name, fn, help)
+        sp.add_argument("experiment", help="experiment YAML file")
+        sp.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        if name == "graph":
+            sp.add_argument("--format", choices=["text", "mermaid", "both"], default="both")
+        if name == "check-hypergrad":
+            sp.add_argument("--methods", help="comma-separated (default: all)")
+            sp.add_argument("--json", help="also write the rows to this file")
+
+    sp = add("sweep", cmd_sweep, "one run per grid point, under one parent MLflow run")
+    sp.add_argument("experiment")
+    sp.add_argument("overrides", nargs="*", help="key.path=value overrides applied to every point")
+    sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a swept key with its values (repeatable: the grid is the product)")
+    sp.add_argument("--no-tracking", action="store_true")
+
+    sp = add("compare", cmd_compare, "table of an MLflow experiment's runs: differing params, final metrics")
+    sp.add_argument("experiment", help="MLflow experiment name")
+    sp.add_argument("--uri", default="sqlite:///runs/mlflow.db")
+    sp.add_argument("--metrics", help="comma-separated metric names (default: all final metrics)")
+
+    sp = add("sync", cmd_sync, "deliver a run's metrics that MLflow has not received yet")
+    sp.add_argument("run_dir")
+    sp.add_argument("--uri", help="tracking URI (default: the run's own)")
+
+    sp = add("eval", cmd_eval, "evaluate a run's encoder on the test split")
+    sp.add_argument("run_dir")
+    sp.add_argument("--protocol", choices=["linear", "finetune", "knn"], default="linear")
+    sp.add_argument("--labels", default="100%", help="fraction of labels per class: 1%%, 10%%, 100%%")
+    sp.add_argument("--model", help="the model whose encoder is evaluated (default: the MAE)")
+    sp.add_argument("overrides", nargs="*", help="protocol options as key=value")
+
+    sp = add("masks", cmd_masks, "draw a run's masks, reconstructions, mask heat map and curves")
+    sp.add_argument("run_dir")
+    sp.add_argument("--num", type=int, default=8, help="images in the grid")
+    sp.add_argument("--out", help="output directory (default: RUN_DIR/pictures)")
+
+    sp = add("export", cmd_export, "write a run's encoder for timm")
+    sp.add_argument("run_dir")
+    sp.add_argument("--format", choices=["timm"], default="timm")
+    sp.add_argument("--out", required=True, help="output .safetensors file")
+    sp.add_argument("--model", help="the model to export (default: the MAE)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    args = p.parse_args(argv)
+    if not getattr(args, "fn", None):
+        p.print_help()
+        return EXIT_INPUT
+    debug = args.debug or os.environ.get("MLOMAE_DEBUG") == "1"
+    try:
+        return args.fn(args)
+    except MlomaeError as e:
+        from .errors import NonFiniteError
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
