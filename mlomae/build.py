@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import Config, check_kwargs, flatten, instantiate, locate, _did_you_mean
+from .config import (Config, _did_you_mean, check_kwargs, flatten, hypergrad_options,
+                     instantiate, locate)
 from .engine import Dependency, Engine, Problem
 from .engine.graph import Graph
 from .errors import ConfigError, DataError, MlomaeError
@@ -148,8 +149,7 @@ def build(cfg: Config, *, rank: int = 0, world: int = 1, callbacks=()) -> Built:
     seed_everything(cfg["seed"])  # model initialisation identical on every rank
     models = build_models(cfg, device)
     deps = dependencies(cfg)
-    hg = dict(cfg["hypergrad"])
-    method = hg.pop("method", "darts")
+    method, flat, per = hypergrad_options(cfg["hypergrad"])
     # how many steps each problem takes over the run, for learning-rate schedules
     cycle = build_graph(cfg).cycle()
     problems: dict[str, Problem] = {}
@@ -181,7 +181,8 @@ def build(cfg: Config, *, rank: int = 0, world: int = 1, callbacks=()) -> Built:
         except (ValueError, TypeError) as e:
             raise cfg.error(f"building the problem failed: {e}", key=key) from None
     try:
-        engine = Engine(list(problems.values()), deps, method=method, options=hg, device=device,
+        engine = Engine(list(problems.values()), deps, method=method, options=flat,
+                        method_options=per, device=device,
                         on_nonfinite=tr["on_nonfinite"], autocast_dtype=PRECISION[tr["precision"]],
                         callbacks=list(callbacks))
     except MlomaeError as e:
@@ -204,20 +205,25 @@ def versions() -> dict[str, str]:
 
 
 def dependencies(cfg: Config) -> list[Dependency]:
-    return [Dependency(d["upper"], d["lower"], (d["hypergrad"] or {}).get("method"),
-                       {k: v for k, v in (d["hypergrad"] or {}).items() if k != "method"})
-            for d in cfg["dependencies"]]
+    out = []
+    for d in cfg["dependencies"]:
+        hg = d["hypergrad"] or {}
+        method = hg.get("method")
+        opts = {k: v for k, v in hg.items() if k != "method" and not isinstance(v, dict)}
+        if method is not None and isinstance(hg.get(method), dict):
+            opts = {**hg[method], **opts}
+        out.append(Dependency(d["upper"], d["lower"], method, opts))
+    return out
 
 
 def build_graph(cfg: Config) -> Graph:
     """The problem graph alone (no models, no data): for ``mlomae graph``."""
     from .hypergrad import METHODS
-    hg = dict(cfg["hypergrad"])
-    method = hg.pop("method", "darts")
+    method, flat, per = hypergrad_options(cfg["hypergrad"])
     names = list(cfg["problems"])
     try:
         return Graph({n: cfg["problems"][n]["steps"] for n in names},
-                     {n: cfg["problems"][n]["reads"] for n in names}, dependencies(cfg), method, hg,
-                     known_methods=list(METHODS))
+                     {n: cfg["problems"][n]["reads"] for n in names}, dependencies(cfg), method, flat,
+                     known_methods=list(METHODS), method_options=per)
     except MlomaeError as e:
         raise ConfigError(str(e), file=cfg.file, key="dependencies") from None

@@ -214,7 +214,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
-    args = p.parse_args(argv)
+    # overrides (key=value) may come after options: collect the ones argparse left over
+    args, rest = p.parse_known_args(argv)
+    extra = [a for a in rest if "=" in a and not a.startswith("-")]
+    unknown = [a for a in rest if a not in extra]
+    if unknown:
+        p.error("unrecognized arguments: " + " ".join(unknown))
+    if extra:
+        if not hasattr(args, "overrides"):
+            p.error("unrecognized arguments: " + " ".join(extra))
+        args.overrides = list(args.overrides or []) + extra
     if not getattr(args, "fn", None):
         p.print_help()
         return EXIT_INPUT

@@ -398,6 +398,9 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_hypergrad(cfg: Config, node: Any, key: str, top: bool = False) -> None:
+    """``{method: cg, iters: 5}``: options beside ``method`` belong to that method; a block
+    named after a method (``darts: {alpha: 0.02}``) sets that method's options wherever it is
+    used, so sweeping ``hypergrad.method`` keeps every method's settings."""
     from .hypergrad import METHODS, OPTIONS
     if node is None:
         return
@@ -407,22 +410,42 @@ def _validate_hypergrad(cfg: Config, node: Any, key: str, top: bool = False) -> 
     if method is not None and method not in METHODS:
         raise cfg.error("unknown hypergradient method" + _did_you_mean(method, METHODS),
                         key=f"{key}.method", value=method, hint="known: " + ", ".join(METHODS))
-    allowed = set(OPTIONS.get(method or "darts", {}))
-    if method is None:
-        allowed = {o for opts in OPTIONS.values() for o in opts}
     for k, v in node.items():
         if k == "method":
             continue
-        if k not in allowed:
-            raise cfg.error(f"not an option of '{method}'" + _did_you_mean(k, allowed),
-                            key=f"{key}.{k}", value=v,
-                            hint=("options: " + ", ".join(sorted(allowed))) if allowed else
-                            f"'{method}' takes no options")
-        if k == "iters" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise cfg.error("must be a positive integer", key=f"{key}.{k}", value=v)
-        if k in ("alpha", "eta", "tol", "scale") and v is not None and (
-                not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 and k != "tol"):
-            raise cfg.error("must be a positive number", key=f"{key}.{k}", value=v)
+        if k in METHODS:
+            if not isinstance(v, dict):
+                raise cfg.error(f"options of '{k}' must be a mapping", key=f"{key}.{k}", value=v)
+            for ok, ov in v.items():
+                _check_option(cfg, k, ok, ov, f"{key}.{k}.{ok}", set(OPTIONS[k]))
+            continue
+        allowed = set(OPTIONS.get(method or "darts", {}))
+        if method is None:
+            allowed = {o for opts in OPTIONS.values() for o in opts}
+        _check_option(cfg, method, k, v, f"{key}.{k}", allowed)
+
+
+def _check_option(cfg: Config, method: str | None, k: str, v: Any, key: str, allowed: set) -> None:
+    from .hypergrad import METHODS
+    if k not in allowed:
+        raise cfg.error(f"not an option of '{method}'" + _did_you_mean(k, allowed | set(METHODS)),
+                        key=key, value=v,
+                        hint=("options: " + ", ".join(sorted(allowed))) if allowed else
+                        f"'{method}' takes no options")
+    if k == "iters" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        raise cfg.error("must be a positive integer", key=key, value=v)
+    if k in ("alpha", "eta", "tol", "scale") and v is not None and (
+            not isinstance(v, (int, float)) or isinstance(v, bool) or (v <= 0 and k != "tol")):
+        raise cfg.error("must be a positive number", key=key, value=v)
+
+
+def hypergrad_options(node: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+    """(method, its flat options, options per method) from a validated hypergrad mapping."""
+    from .hypergrad import METHODS
+    method = node.get("method", "darts")
+    flat = {k: v for k, v in node.items() if k != "method" and k not in METHODS}
+    per = {m: dict(node.get(m) or {}) for m in METHODS}
+    return method, flat, per
 
 
 def _check_data_section(cfg: Config) -> None:

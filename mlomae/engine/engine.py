@@ -65,6 +65,7 @@ class _Window:
 class Engine:
     def __init__(self, problems: Sequence[Problem], dependencies: Sequence[Dependency] = (), *,
                  method: str = "darts", options: Mapping[str, Any] | None = None,
+                 method_options: Mapping[str, Mapping[str, Any]] | None = None,
                  device: str | torch.device = "cpu", on_nonfinite: str = "raise",
                  autocast_dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = ()):
         if on_nonfinite not in ("raise", "skip"):
@@ -73,7 +74,7 @@ class Engine:
         self.graph = Graph({p.name: p.steps for p in problems},
                            {p.name: p.reads for p in problems}, dependencies,
                            default_method=method, default_options=options,
-                           known_methods=list(METHODS))
+                           known_methods=list(METHODS), method_options=method_options)
         for p in problems:
             p._peers = {r: self.problems[r] for r in p.reads}
         self.device = torch.device(device)

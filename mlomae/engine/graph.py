@@ -38,13 +38,16 @@ class Graph:
     def __init__(self, steps: Mapping[str, int], reads: Mapping[str, Sequence[str]],
                  dependencies: Sequence[Dependency], default_method: str = "darts",
                  default_options: Mapping[str, Any] | None = None,
-                 known_methods: Sequence[str] | None = None):
+                 known_methods: Sequence[str] | None = None,
+                 method_options: Mapping[str, Mapping[str, Any]] | None = None):
         self.names = list(steps)
         self.steps = dict(steps)
         self.reads = {n: list(reads.get(n, ())) for n in self.names}
         self.dependencies = list(dependencies)
         self.default_method = default_method
         self.default_options = dict(default_options or {})
+        # options for each method when a dependency picks it without giving its own
+        self.method_options = {m: dict(o) for m, o in (method_options or {}).items()}
         self.known_methods = known_methods
         self._validate()
         self.lowers = {n: [d.lower for d in self.dependencies if d.upper == n] for n in self.names}
@@ -133,10 +136,14 @@ class Graph:
         for d in direct + inner:
             if d.method is not None or d.options:
                 method = d.method or self.default_method
-                opts = dict(self.default_options) if method == self.default_method else {}
+                opts = dict(self.method_options.get(method, {}))
+                if method == self.default_method:
+                    opts.update(self.default_options)
                 opts.update(d.options)
                 return method, opts
-        return self.default_method, dict(self.default_options)
+        opts = dict(self.method_options.get(self.default_method, {}))
+        opts.update(self.default_options)
+        return self.default_method, opts
 
     def _plan(self, upper: str) -> Plan | None:
         scope = self.scope(upper)
