@@ -145,6 +145,7 @@ def build(cfg: Config, *, rank: int = 0, world: int = 1, callbacks=()) -> Built:
     seed_everything(cfg["seed"] + rank)
     if tr["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    check_evaluation(cfg)
     data = build_data(cfg, rank, world)
     seed_everything(cfg["seed"])  # model initialisation identical on every rank
     models = build_models(cfg, device)
@@ -188,6 +189,21 @@ def build(cfg: Config, *, rank: int = 0, world: int = 1, callbacks=()) -> Built:
     except MlomaeError as e:
         raise ConfigError(str(e), file=cfg.file, key="dependencies") from None
     return Built(cfg, device, models, problems, engine, data)
+
+
+def check_evaluation(cfg: Config) -> None:
+    """Evaluations are named before training starts, so a typo costs seconds, not a run."""
+    from .eval import PROTOCOLS
+    entries = cfg.get("evaluation") or []
+    if not isinstance(entries, list):
+        raise cfg.error("must be a list of {protocol: ..., ...}", key="evaluation", value=entries)
+    for i, spec in enumerate(entries):
+        if not isinstance(spec, dict) or "protocol" not in spec:
+            raise cfg.error("each evaluation needs a 'protocol'", key=f"evaluation[{i}]", value=spec)
+        if spec["protocol"] not in PROTOCOLS:
+            raise cfg.error("unknown evaluation protocol" + _did_you_mean(spec["protocol"], PROTOCOLS),
+                            key=f"evaluation[{i}].protocol", value=spec["protocol"],
+                            hint="known: " + ", ".join(sorted(PROTOCOLS)))
 
 
 def config_digest(cfg: Config) -> str:

@@ -152,7 +152,8 @@ def parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
-        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
         return sp
 
     sp = add("run", cmd_run, "train an experiment (or resume a run)")

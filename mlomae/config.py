@@ -193,6 +193,7 @@ def apply_override(data: dict[str, Any], item: str, file: str) -> None:
     key = key.strip()
     add = key.startswith("+")
     key = key.lstrip("+")
+    add = add or _schema_key(key)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -217,6 +218,22 @@ def apply_override(data: dict[str, Any], item: str, file: str) -> None:
         raise ConfigError("no such key to override" + _did_you_mean(parts[-1], node), file=file,
                           key=key, hint="prefix the override with + to add a new key")
     node[parts[-1]] = value
+
+
+def _schema_key(key: str) -> bool:
+    """Keys the schema knows may be set by an override even where the file leaves them out."""
+    from .hypergrad import METHODS, OPTIONS
+    parts = key.split(".")
+    if len(parts) == 1:
+        return parts[0] in TOP_KEYS
+    sections = {"trainer": TRAINER_KEYS, "tracking": TRACKING_KEYS}
+    if len(parts) == 2 and parts[0] in sections:
+        return parts[1] in sections[parts[0]]
+    if parts[0] == "hypergrad":
+        if len(parts) == 2:
+            return parts[1] == "method" or parts[1] in METHODS
+        return len(parts) == 3 and parts[1] in METHODS and parts[2] in OPTIONS[parts[1]]
+    return False
 
 
 _ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
@@ -521,15 +538,31 @@ def locate(target: str, cfg: Config | None = None, key: str | None = None) -> An
     raise err("cannot import it: no such module")
 
 
+def _accepted(fn: Callable) -> dict[str, inspect.Parameter] | None:
+    """Keyword parameters ``fn`` accepts; for a class whose ``__init__`` passes ``**kwargs``
+    on, those of its bases too (as far as the chain is explicit). None: anything goes."""
+    chain = [c.__init__ for c in fn.__mro__ if "__init__" in vars(c)] if isinstance(fn, type) else [fn]
+    out: dict[str, inspect.Parameter] = {}
+    for f in chain:
+        if f is object.__init__:
+            return None
+        try:
+            params = inspect.signature(f).parameters
+        except (TypeError, ValueError):
+            return None
+        for n, p in params.items():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                out.setdefault(n, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return out
+    return None
+
+
 def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], cfg: Config | None, key: str,
                  skip: tuple[str, ...] = ()) -> None:
     """Reject keyword arguments a constructor does not take, before calling it."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    params = sig.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = _accepted(fn)
+    if params is None:
         return
     names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
              and n != "self"]
