@@ -1,15 +1,32 @@
 """Evaluation on the held-out test split: the only code that reads it.
 
 ``run_protocol(built, spec, run_dir, key)`` runs one entry of an experiment's ``evaluation``
-list and returns named numbers for ``summary.json`` and MLflow.
+list and returns named numbers for ``summary.json`` and MLflow. Protocols:
+
+- ``linear``: softmax classifier on frozen, standardised features (L-BFGS)   -> ``linear_top1``
+- ``knn``: weighted k-NN on L2-normalised frozen features (DINO)             -> ``knn_top1``
+- ``finetune``: a copy of the encoder plus a head, trained end to end        -> ``finetune_top1``
+- ``problem``: a problem's own ``evaluate`` on a split
+
+``spec.py`` lists every key with its default; ``labels: 10%`` trains on a class-balanced tenth
+of the train role (``linear_top1_10pct``), ``model: pixels`` probes raw pixels, the floor.
+Nothing here selects anything by the test split: it is read once, after training, to report.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
+import torch
+
 from ..errors import ConfigError
+from .spec import PIXELS, check_spec, result_name, unique_name
 
 PROTOCOLS: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -38,6 +55,97 @@ def problem_protocol(built, spec: Mapping[str, Any], run_dir: Path, key: str) ->
     return dict(p.evaluate(loader.iter_epoch()))
 
 
+# -- protocols on the encoder's features ----------------------------------------------------
+
+def _fingerprint(model) -> float:
+    """Changes whenever the weights do: cached features are only reused for the same weights."""
+    if model is None:
+        return 0.0
+    with torch.no_grad():
+        return float(sum(t.double().sum() for t in model.state_dict().values()
+                         if torch.is_tensor(t) and t.is_floating_point()))
+
+
+def role_features(built, name: str, model, role: str, pool: str, batch_size: int,
+                  items: np.ndarray):
+    """Features and labels of ``items`` of ``role``. Extractions are kept in ``built.context``
+    for the same weights: a label fraction is sliced out of the whole role when that is there."""
+    from .features import extract, role_items
+    cache = built.context.setdefault("eval_features", {})
+    fp = _fingerprint(model)
+
+    def key_of(idx: np.ndarray) -> tuple:
+        return (name, pool, role, fp, hashlib.sha1(np.ascontiguousarray(idx).tobytes()).hexdigest())
+
+    if key_of(items) in cache:
+        return cache[key_of(items)]
+    full = role_items(built, role)
+    if key_of(full) in cache:
+        x, y = cache[key_of(full)]
+        pos = torch.from_numpy(np.flatnonzero(np.isin(full, items)))
+        return x[pos], y[pos]
+    cache[key_of(items)] = extract(built, model, role, items, pool, batch_size)
+    return cache[key_of(items)]
+
+
+def _name(built, spec: Mapping[str, Any], key: str) -> str:
+    from .features import default_model
+    dm = default_model(built)
+    m = re.fullmatch(r"evaluation\[(\d+)\]", key)
+    specs = built.cfg.get("evaluation") or []
+    if m and int(m.group(1)) < len(specs):
+        return unique_name(list(specs), int(m.group(1)), dm, file=built.cfg.file)
+    return result_name(spec, dm)
+
+
+def _say(key: str, name: str, value: float, t0: float) -> None:
+    print(f"{key}: {name} = {value:.4f} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
+          flush=True)
+
+
+def _frozen(kind: str):
+    def run(built, spec: Mapping[str, Any], run_dir: Path, key: str) -> dict[str, Any]:
+        from . import knn, linear
+        from .features import batch_size_of, check_roles, resolve_model, role_items
+        t0 = time.perf_counter()
+        spec = check_spec(spec, file=built.cfg.file, key=key)
+        check_roles(built, spec, key=key)
+        name, model = resolve_model(built, spec["model"], key=key)
+        bs = batch_size_of(built, spec)
+        tr = role_features(built, name, model, spec["train"], spec["pool"], bs,
+                           role_items(built, spec["train"], spec["labels"]))
+        te = role_features(built, name, model, spec["test"], spec["pool"], bs,
+                           role_items(built, spec["test"]))
+        top1 = {"linear": linear, "knn": knn}[kind].run(built, spec, (*tr, *te))
+        out_name = _name(built, spec, key)
+        _say(key, out_name, top1, t0)
+        return {out_name: top1}
+    run.__doc__ = f"``{{protocol: {kind}, ...}}`` on frozen features (keys: see spec.py)."
+    return run
+
+
+PROTOCOLS["linear"] = _frozen("linear")
+PROTOCOLS["knn"] = _frozen("knn")
+
+
+@protocol("finetune")
+def finetune_protocol(built, spec: Mapping[str, Any], run_dir: Path, key: str) -> dict[str, Any]:
+    """``{protocol: finetune, epochs, lr, layer_decay, ...}``: end to end on the train role."""
+    from . import finetune
+    from .features import check_roles, resolve_model
+    t0 = time.perf_counter()
+    spec = check_spec(spec, file=built.cfg.file, key=key)
+    check_roles(built, spec, key=key)
+    name, model = resolve_model(built, spec["model"], key=key)
+    if model is None:
+        raise ConfigError(f"fine-tuning needs a model with weights, not '{PIXELS}'",
+                          file=built.cfg.file, key=f"{key}.model", value=name)
+    top1 = finetune.run(built, spec, model)
+    out_name = _name(built, spec, key)
+    _say(key, out_name, top1, t0)
+    return {out_name: top1}
+
+
 def run_protocol(built, spec: Mapping[str, Any], run_dir: Path, key: str) -> dict[str, Any]:
     if not isinstance(spec, Mapping) or "protocol" not in spec:
         raise ConfigError("each evaluation needs a 'protocol'", file=built.cfg.file, key=key,
@@ -47,3 +155,22 @@ def run_protocol(built, spec: Mapping[str, Any], run_dir: Path, key: str) -> dic
         raise ConfigError("unknown evaluation protocol", file=built.cfg.file, key=f"{key}.protocol",
                           value=name, hint="known: " + ", ".join(sorted(PROTOCOLS)))
     return PROTOCOLS[name](built, spec, run_dir, key)
+
+
+def check_evaluation(cfg) -> None:
+    """Check every entry of ``cfg['evaluation']`` without building anything (for ``validate``
+    and the start of a run, so that a typo fails before training, not after)."""
+    specs = cfg.get("evaluation") or []
+    if not isinstance(specs, list):
+        raise ConfigError("must be a list of {protocol: ...}", file=cfg.file, key="evaluation",
+                          value=specs)
+    for i, spec in enumerate(specs):
+        key = f"evaluation[{i}]"
+        if not isinstance(spec, Mapping) or "protocol" not in spec:
+            raise ConfigError("each evaluation needs a 'protocol'", file=cfg.file, key=key,
+                              value=spec)
+        if spec["protocol"] not in PROTOCOLS:
+            raise ConfigError("unknown evaluation protocol", file=cfg.file, key=f"{key}.protocol",
+                              value=spec["protocol"], hint="known: " + ", ".join(sorted(PROTOCOLS)))
+        if spec["protocol"] != "problem":
+            check_spec(spec, file=cfg.file, key=key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from fractions import Fraction
 from typing import Any, Mapping
 
 import numpy as np
@@ -78,7 +79,7 @@ def balanced_subset(indices: np.ndarray, labels: np.ndarray, labels_share: Label
     keep = np.zeros(indices.size, dtype=bool)
     for c in np.unique(lab):
         members = np.flatnonzero(lab == c)
-        k = max(1, math.floor(labels_share.fraction * members.size + 0.5))
+        k = max(1, math.floor(labels_share.fraction * members.size + Fraction(1, 2)))
         keep[members[:k]] = True
     return indices[keep]
 

@@ -38,6 +38,14 @@ def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False
     return check
 
 
+def _as_number(v: str) -> Any:
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+
+
 def _choice(*options: Any) -> Callable[[Any], str | None]:
     return lambda v: None if v in options else "must be one of " + ", ".join(map(str, options))
 
@@ -142,6 +150,9 @@ def check_spec(spec: Any, *, file: str | None = None, key: str = "evaluation[0]"
         if k not in out or out[k] is None:
             out[k] = default
             continue
+        if isinstance(out[k], str) and isinstance(default, (int, float)) \
+                and not isinstance(default, bool):
+            out[k] = _as_number(out[k])   # YAML reads 3e-3 (no dot) as a string
         if check is not None and (why := check(out[k])):
             raise ConfigError(why, file=file, key=f"{key}.{k}", value=out[k])
     out["labels"] = parse_labels(out["labels"], file=file, key=f"{key}.labels")
