@@ -35,6 +35,17 @@ class Metrics(Callback):
         self.steps_since = 0
         self.listeners: list[Callable[[dict], None]] = []
 
+    def state_dict(self) -> dict[str, Any]:
+        """What has been accumulated since the last record, as numbers (for exact resume)."""
+        return {"acc": {k: [x for x in (_scalar(v) for v in vals) if x is not None]
+                        for k, vals in self.acc.items()},
+                "steps_since": self.steps_since, "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.acc = defaultdict(list, {k: list(v) for k, v in state["acc"].items()})
+        self.steps_since = int(state["steps_since"])
+        self.last = dict(state.get("last", {}))
+
     def on_problem_step(self, engine: Engine, r: StepRecord) -> None:
         p = r.problem
         self.acc[f"{p}/loss"].append(r.loss)

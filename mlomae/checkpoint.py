@@ -12,6 +12,7 @@ import io
 import os
 import random
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from .tracking import warn
 
-PATTERN = re.compile(r"step_(\d+)\.pt$")
+PATTERN = re.compile(r"step_(\d+)\.pt")
 
 
 def _fsync_dir(d: Path) -> None:
@@ -34,10 +35,21 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
+def _fault(point: str) -> None:
+    """Fault injection for the kill-and-resume tests: MLOMAE_FAULT=<point> kills the process
+    there, as a power cut would."""
+    if os.environ.get("MLOMAE_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _atomic_bytes(path: Path, data: bytes, fault: str | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        if fault:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            _fault(f"{fault}:tmp")
+        f.write(data[len(data) // 2:] if fault else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -67,7 +79,8 @@ def save(directory: str | os.PathLike, step: int, state: dict[str, Any], keep: i
     torch.save(state, buf)
     data = buf.getvalue()
     path = d / f"step_{step:08d}.pt"
-    _atomic_bytes(path, data)
+    _atomic_bytes(path, data, fault=f"kill-in-checkpoint:{step}")
+    _fault(f"kill-in-checkpoint:{step}:sidecar")
     _atomic_bytes(path.with_suffix(".pt.sha256"), hashlib.sha256(data).hexdigest().encode())
     if keep > 0:
         for old in list_checkpoints(d)[:-keep]:
@@ -80,7 +93,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := PATTERN.search(p.name))]
+    found = [(int(m.group(1)), p) for p in d.iterdir()
+             if (m := PATTERN.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 

@@ -61,6 +61,7 @@ class _StopOnSignal(Callback):
         self.save, self.signum = save, None
 
     def on_outer_step(self, engine: Engine, step: int, records: list[StepRecord]) -> None:
+        checkpoint._fault(f"kill-after-step:{step}")
         if self.signum is not None:
             self.save(engine, step)
             raise Stopped(self.signum)
@@ -78,6 +79,8 @@ class Runner:
         self.engine = self.built.engine
         self.digest = config_digest(cfg)
         self.wall_before = 0.0
+        self.metrics_state = None
+        self.metrics: Metrics | None = None
         self.main = rank == 0
         self.tracker: Tracker | None = None
         key = "--run-dir" if run_dir else "tracking.runs_dir"
@@ -118,6 +121,7 @@ class Runner:
                               value=str(self.run_dir.path))
         self.engine.load_state_dict(state["engine"])
         checkpoint.set_rng_state(state["rng"])
+        self.metrics_state = state.get("metrics")
         self.wall_before = float(state.get("wall_time", 0.0))
         if self.main:
             self.run_dir.open_metrics(truncate_to=int(state["metrics_lines"]))
@@ -130,6 +134,7 @@ class Runner:
         self.run_dir.flush()
         state = {"engine": engine.state_dict(), "rng": checkpoint.rng_state(),
                  "metrics_lines": self.run_dir.lines, "digest": self.digest,
+                 "metrics": self.metrics.state_dict() if self.metrics else None,
                  "wall_time": self.wall_before + (time.perf_counter() - self.t0)}
         checkpoint.save(self.run_dir.checkpoints, step, state,
                         keep=self.cfg["trainer"]["keep_checkpoints"])
@@ -157,6 +162,9 @@ class Runner:
                                    tags={"mlomae.config_file": str(cfg.file), "mlomae.digest": self.digest},
                                    parent_run_id=self.parent_run_id).start()
         metrics = Metrics(self.run_dir if self.main else None, self.tracker, tr["log_every"], total)
+        if self.metrics_state:
+            metrics.load_state_dict(self.metrics_state)
+        self.metrics = metrics
         stopper = _StopOnSignal(self.save_checkpoint)
         cbs: list[Callback] = [metrics]
         if self.main:
