@@ -8,7 +8,8 @@ list and returns named numbers for ``summary.json`` and MLflow. Protocols:
 - ``finetune``: a copy of the encoder plus a head, trained end to end        -> ``finetune_top1``
 - ``problem``: a problem's own ``evaluate`` on a split
 
-``spec.py`` lists every key with its default; ``labels: 10%`` trains on a class-balanced tenth
+Top-1 is reported in percent (0-100), as the problems' own evaluations do. ``spec.py`` lists
+every key with its default; ``labels: 10%`` trains on a class-balanced tenth
 of the train role (``linear_top1_10pct``), ``model: pixels`` probes raw pixels, the floor.
 Nothing here selects anything by the test split: it is read once, after training, to report.
 """
@@ -99,7 +100,7 @@ def _name(built, spec: Mapping[str, Any], key: str) -> str:
 
 
 def _say(key: str, name: str, value: float, t0: float) -> None:
-    print(f"{key}: {name} = {value:.4f} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
+    print(f"{key}: {name} = {value:.2f} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
           flush=True)
 
 

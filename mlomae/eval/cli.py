@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     merge_summary(run_dir, "eval", result)
     record_metrics(run_dir, step, {k: v for k, v in result.items() if isinstance(v, (int, float))})
     for k, v in result.items():
-        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
     return 0
 
 

@@ -79,11 +79,12 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, batches) -> float:
+    """Top-1 in percent."""
     correct, n = 0, 0
     for x, y in batches:
         correct += int((model(x).argmax(1) == y).sum())
         n += y.numel()
-    return correct / max(n, 1)
+    return 100.0 * correct / max(n, 1)
 
 
 def run(built, spec: Mapping[str, Any], model: nn.Module) -> float:

@@ -42,4 +42,4 @@ def run(built, spec: Mapping[str, Any], features) -> float:
     xtr, ytr, xte, yte = features
     pred = knn_predict(xtr, ytr, xte, built.data.meta.num_classes, k=spec["k"],
                        temperature=spec["temperature"], vote=spec["vote"])
-    return int((pred == yte).sum()) / max(1, yte.numel())
+    return 100.0 * int((pred == yte).sum()) / max(1, yte.numel())

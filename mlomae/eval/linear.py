@@ -54,12 +54,13 @@ def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, weight_decay: float = 
 
 
 def top1(logits: Tensor, y: Tensor) -> float:
-    return int((logits.argmax(1) == y).sum()) / max(1, y.numel())
+    """Top-1 accuracy in percent (as the problems' own evaluations report it)."""
+    return 100.0 * int((logits.argmax(1) == y).sum()) / max(1, y.numel())
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                  num_classes: int, **options: Any) -> float:
-    """Top-1 on the test features of a linear classifier fitted on the train features."""
+    """Top-1 (percent) on the test features of a linear classifier fitted on the train features."""
     clf = fit_linear(train_x, train_y, num_classes, **options)
     return top1(clf.logits(test_x.float()), test_y)
 

@@ -3,7 +3,7 @@ masked, and training curves. Every figure has a fixed size in inches and a fixed
 PNG's size in pixels is known in advance (``*_px`` functions).
 
 Masks come from the run's pretraining problem when it draws them: a problem with
-``reconstruct(imgs) -> (pred_imgs, masking)`` or ``masking_for(imgs) -> Masking``; otherwise
+``reconstruct(imgs)`` (``.pred`` and ``.masking``) or ``masking_for(imgs) -> Masking``; otherwise
 uniform random masks at ratio 0.75 through the MAE (and a warning says so).
 """
 
@@ -66,11 +66,9 @@ def find_masker(built) -> tuple[Any, Any]:
     return problem, mae
 
 
-@torch.no_grad()
-def mae_reconstruct(mae, imgs: Tensor, masking) -> Tensor:
-    """Predicted images [N, C, H, W] in the input's (normalised) space; with ``norm_pix_loss``
-    each patch's prediction is mapped back with the true patch's mean and variance."""
-    pred = mae.forward_decoder(mae.forward_encoder(imgs, masking), masking)   # [N, L, p*p*C]
+def patches_to_images(mae, imgs: Tensor, pred: Tensor) -> Tensor:
+    """Predicted patches [N, L, p*p*C] -> images [N, C, H, W] in the input's (normalised) space;
+    with ``norm_pix_loss`` each patch is mapped back with the true patch's mean and variance."""
     if getattr(mae, "norm_pix_loss", False):
         target = mae.patchify(imgs)
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
@@ -78,8 +76,19 @@ def mae_reconstruct(mae, imgs: Tensor, masking) -> Tensor:
 
 
 @torch.no_grad()
+def mae_reconstruct(mae, imgs: Tensor, masking) -> Tensor:
+    """The MAE's reconstruction [N, C, H, W] of ``imgs`` under ``masking``."""
+    pred = mae.forward_decoder(mae.forward_encoder(imgs, masking), masking)   # [N, L, p*p*C]
+    return patches_to_images(mae, imgs, pred)
+
+
+@torch.no_grad()
 def masks_and_reconstructions(built, imgs: Tensor, say: bool = True) -> tuple[Tensor, Tensor]:
-    """(mask [N, L] with 1 = masked, reconstruction [N, C, H, W]) for a batch of images."""
+    """(mask [N, L] with 1 = masked, reconstruction [N, C, H, W]) for a batch of images.
+
+    A problem's ``reconstruct(imgs)`` may return an object with ``.pred`` (patches or images)
+    and ``.masking`` (``problems.pretrain.Reconstructed``) or a pair ``(pred, masking)``.
+    """
     from ..models.masking import random_masking
     problem, mae = find_masker(built)
     modules = list(built.models.values())
@@ -88,7 +97,10 @@ def masks_and_reconstructions(built, imgs: Tensor, say: bool = True) -> tuple[Te
         m.eval()
     try:
         if problem is not None and callable(getattr(problem, "reconstruct", None)):
-            pred, masking = problem.reconstruct(imgs)
+            out = problem.reconstruct(imgs)
+            pred, masking = (out.pred, out.masking) if hasattr(out, "masking") else out
+            if pred.ndim == 3:
+                pred = patches_to_images(mae, imgs, pred)
         else:
             if problem is not None:
                 masking = problem.masking_for(imgs)
