@@ -1,0 +1,118 @@
+"""The mask level: what the masking network (MLO-MAE's masker, AutoMAE's generator) minimises.
+
+    loss = downstream     x  CE(head(encoder(x)), y) on held-out labeled data (MLO-MAE's level 3)
+         + adversarial    x  LSGAN generator loss of the discriminator on the generator's masks
+         + reconstruction x  the MAE's reconstruction loss under the generator's masks
+
+Only the last two depend on the masker directly; the downstream term reaches it only through the
+hypergradient the engine pushes down through the head and the MAE. The masks are made by the
+pretraining problem's ``MaskingSpec`` with *this* problem's module as the masker, so the mask
+level and the pretraining level always mask the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlomae.engine import Problem
+from mlomae.models.discriminator import lsgan_g_loss
+from mlomae.models.masking import Masking
+
+from .pretrain import configure_attention, split_batch
+
+TERMS = ("downstream", "adversarial", "reconstruction")
+
+
+class MaskLearning(Problem):
+    """YAML options: ``losses: {downstream: 1.0, adversarial: 0.0, reconstruction: 0.0}`` (the
+    weights; a term with weight 0 is not computed), ``pretrain`` / ``finetune`` /
+    ``discriminator`` (problem names, default pretrain / finetune / disc; each term's problems
+    must be in ``reads``), ``fused_attention`` (auto) for a ViT masker.
+
+    AutoMAE's generator loss is ``reconstruction: 1.0, adversarial: 0.2``; MLO-MAE's is
+    ``downstream: 1.0``. The adversarial term is always a ratio to the others, never rescaled.
+    """
+
+    wants_context = True
+
+    def __init__(self, *args, losses: Mapping[str, float] | None = None,
+                 pretrain: str = "pretrain", finetune: str = "finetune",
+                 discriminator: str = "disc", fused_attention: Any = "auto",
+                 context: Mapping[str, Any] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        weights = {"downstream": 1.0, "adversarial": 0.0, "reconstruction": 0.0}
+        for k, v in (losses or {}).items():
+            if k not in weights:
+                raise ValueError(f"unknown loss term '{k}' in losses; terms: {', '.join(TERMS)}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"losses.{k} must be a number (got {v!r})")
+            weights[k] = float(v)
+        if not any(weights.values()):
+            raise ValueError("every loss weight is 0: the masker would learn nothing")
+        self.weights = weights
+        self.pretrain, self.finetune, self.discriminator = pretrain, finetune, discriminator
+        needs = {pretrain: "masks and encoder"}
+        if weights["downstream"]:
+            needs[finetune] = "the head of the downstream term"
+        if weights["adversarial"]:
+            needs[discriminator] = "the discriminator of the adversarial term"
+        for name, why in needs.items():
+            if name not in self.reads:
+                raise ValueError(f"problem '{self.name}' reads '{name}' ({why}): add it to "
+                                 f"problems.{self.name}.reads")
+        self.fused_attention = configure_attention(self.module, fused_attention, context)
+
+    def generate(self, imgs: Tensor) -> Masking:
+        """This masker's masks for ``imgs``, made as the pretraining problem makes them."""
+        spec = self.peer(self.pretrain).spec
+        if not spec.learned:
+            raise ValueError(f"problem '{self.pretrain}' masks with '{spec.mode}', which no "
+                             f"masker decides: use masking mlo or gumbel")
+        return spec.make(imgs, self.read(self.pretrain), self.module)
+
+    def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        imgs, labels, _ = split_batch(batch)
+        w, logs, total = self.weights, {}, 0.0
+        if w["downstream"]:
+            head = self.read(self.finetune)
+            pool = self.peer(self.finetune).pool
+            logits = head(self.read(self.pretrain).forward_features(imgs, pool))
+            ce = F.cross_entropy(logits, labels)
+            total = total + w["downstream"] * ce
+            logs["downstream"] = ce.detach()
+            logs["val_top1"] = (logits.argmax(1) == labels).float().mean().detach()
+        if w["adversarial"] or w["reconstruction"]:
+            masking = self.generate(imgs)
+            if w["adversarial"]:
+                adv = lsgan_g_loss(self.read(self.discriminator)(masking.learned_mask))
+                total = total + w["adversarial"] * adv
+                logs["adversarial"] = adv.detach()
+            if w["reconstruction"]:
+                rec = self.read(self.pretrain)(imgs, masking)[0]
+                total = total + w["reconstruction"] * rec
+                logs["reconstruction"] = rec.detach()
+        else:
+            with torch.no_grad():
+                masking = self.generate(imgs)
+        logs.update(mask_stats(masking))
+        return total, logs
+
+
+def mask_stats(masking: Masking) -> dict[str, Tensor]:
+    """What to watch for a degenerate masker: ``masked_prob`` (mean probability of the masked
+    patches, mlo mode) and ``mask_agreement``, mean |freq_j - k| / (2k(1 - k)) over patches j with
+    freq_j the share of the batch masking patch j and k the masked share: about 0 when masks are
+    independent of the image, 1 when every image gets the same mask (a collapse onto fixed
+    patches)."""
+    mask = masking.mask.detach()
+    freq = mask.mean(dim=0)                                        # [L] share masked per patch
+    k = mask[0].sum() / mask.shape[1]                              # masked share per image
+    stats = {"mask_agreement": ((freq - k).abs().mean() / (2 * k * (1 - k))).clamp(max=1.0)}
+    if masking.weights is not None:
+        w = masking.weights.detach()
+        stats["masked_prob"] = (w * mask).sum() / mask.sum()
+    return stats

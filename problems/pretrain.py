@@ -1,0 +1,221 @@
+"""The pretraining level: an MAE reconstructs the patches that a masking mode chose.
+
+Masking modes (``masking:`` in a ``Reconstruction`` entry):
+
+- ``random``: MAE's uniform random masking.
+- ``object_prior``: AutoMAE's Figure 2 prior: patches overlapping the object box are masked with
+  weight ``1 + beta``. Boxes come with the batch when the dataset has them (``(x, y, boxes)``),
+  else from ``foreground_boxes`` (the box of pixels that differ from the border by more than
+  ``box_threshold``, in normalised units).
+- ``mlo``: MLO-MAE: the masker's probabilities, top ``mask_ratio`` masked, each masked patch's loss
+  multiplied by its probability (the masker's only differentiable path).
+- ``gumbel``: AutoMAE's generator: a Gumbel top-k with a straight-through estimator (``tau``),
+  ``learned_fraction`` of the masked slots chosen by the generator, the rest random.
+
+In the learned modes the masker is the module of the problem named ``masker`` (default ``mask``),
+read through the engine, so unrolled steps and finite differences see the masker they perturb.
+``MaskingSpec.make`` is the one function that turns (images, MAE, masker) into a ``Masking``; the
+mask level and the discriminator call it with *their own* view of the masker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from mlomae.engine import Problem
+from mlomae.models.attention import set_fused_attention
+from mlomae.models.masking import (Masking, foreground_boxes, gumbel_topk_masking,
+                                   num_masked, object_prior_masking, prob_topk_masking,
+                                   random_masking)
+
+MODES = ("random", "object_prior", "mlo", "gumbel")
+SECOND_ORDER = ("unroll", "neumann", "cg")
+
+
+# -- attention kernel ---------------------------------------------------------------------------
+
+def methods_in_use(config: Any) -> set[str]:
+    """Every hypergradient method an experiment names: the default and each dependency's."""
+    if config is None:
+        return set()
+    top = config.get("hypergrad") or {}
+    methods = {top.get("method", "darts")}
+    for dep in config.get("dependencies") or []:
+        hg = dep.get("hypergrad") or {}
+        if hg.get("method"):
+            methods.add(hg["method"])
+    return methods
+
+
+def configure_attention(module: nn.Module, setting: Any, context: Mapping[str, Any] | None) -> bool:
+    """Switch timm's fused attention in ``module``; returns whether it stays fused.
+
+    ``setting``: ``true`` / ``false``, or ``auto``: fused unless the experiment uses a second-order
+    method (unroll, neumann, cg) anywhere, since the CPU kernel of fused attention has no double
+    backward. Without a context (a problem built by hand) ``auto`` means not fused: on the CPU the
+    two cost the same at our sizes (Fashion-MNIST MAE, embed 128, depth 4, 50 tokens, batch 128:
+    a training step 115 ms fused vs 118 ms plain, median of 12 interleaved pairs), while on a GPU
+    at 197 tokens the fused kernel is worth keeping whenever it is allowed.
+    """
+    if setting in (True, False):
+        fused = bool(setting)
+    elif setting == "auto":
+        config = None if context is None else context.get("config")
+        fused = config is not None and not (methods_in_use(config) & set(SECOND_ORDER))
+    else:
+        raise ValueError(f"fused_attention must be true, false or auto (got {setting!r})")
+    set_fused_attention(module, fused)
+    return fused
+
+
+# -- masking ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    """How a batch's masks are made; see the module docstring for the modes."""
+
+    mode: str = "random"
+    ratio: float = 0.75
+    beta: float = 0.5                  # object_prior: weight 1 + beta inside the box
+    box_threshold: float = 0.5         # object_prior: foreground = |x - border median| > this
+    background: str = "border"         # object_prior: "border" or "zero"
+    tau: float = 1.0                   # gumbel: softmax temperature of the straight-through term
+    learned_fraction: float = 1 / 3    # gumbel: share of the masked slots the generator picks
+    detach_masker_input: bool = True   # mlo/gumbel over MAE embeddings: cut the masker's input
+    masker_input: str = "auto"         # embeddings | images | auto (images if it has patch_embed)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"masking must be one of {', '.join(MODES)} (got {self.mode!r})")
+        num_masked(100, self.ratio)    # raises on a ratio outside (0, 1)
+        if self.masker_input not in ("auto", "embeddings", "images"):
+            raise ValueError(f"masker_input must be auto, embeddings or images "
+                             f"(got {self.masker_input!r})")
+        if self.mode == "gumbel" and not self.tau > 0:
+            raise ValueError(f"tau must be > 0 (got {self.tau!r})")
+        if not 0.0 <= self.learned_fraction <= 1.0:
+            raise ValueError(f"learned_fraction must lie in [0, 1] (got {self.learned_fraction!r})")
+        if self.background not in ("border", "zero"):
+            raise ValueError(f"background must be border or zero (got {self.background!r})")
+
+    @property
+    def learned(self) -> bool:
+        return self.mode in ("mlo", "gumbel")
+
+    def reads_images(self, masker: nn.Module) -> bool:
+        if self.masker_input == "auto":
+            return hasattr(masker, "patch_embed")
+        return self.masker_input == "images"
+
+    def logits(self, imgs: Tensor, mae: nn.Module, masker: nn.Module) -> Tensor:
+        """The masker's patch logits [N, L].
+
+        Over MAE embeddings, ``detach_masker_input`` (default true) stops the pretraining loss
+        from training the MAE's patch embedding *through the masker*: with the loss multiplied
+        by the mask probabilities, the cheapest way for pretraining to lower it is to move the
+        embeddings so that the masker outputs smaller probabilities (DESIGN.md's warning about
+        the official wiring). ``false`` reproduces the official wiring.
+        """
+        if self.reads_images(masker):
+            x = imgs
+        else:
+            x = mae.embed_patches(imgs)                            # [N, L, D]
+            x = x.detach() if self.detach_masker_input else x
+        # maskers expose logits(x); a generator's forward returns logits itself
+        return masker.logits(x) if hasattr(masker, "logits") else masker(x)
+
+    def make(self, imgs: Tensor, mae: nn.Module, masker: nn.Module | None = None,
+             boxes: Tensor | None = None) -> Masking:
+        """One ``Masking`` for images [N, C, H, W]. Randomness from torch's global generator."""
+        N, L = imgs.shape[0], mae.num_patches
+        if self.mode == "random":
+            return random_masking(N, L, self.ratio, device=imgs.device)
+        if self.mode == "object_prior":
+            if boxes is None:
+                boxes = foreground_boxes(imgs, self.box_threshold, self.background)
+            return object_prior_masking(boxes, mae.grid_size, mae.patch_size, self.ratio, self.beta)
+        if masker is None:
+            raise ValueError(f"masking '{self.mode}' needs a masker")
+        logits = self.logits(imgs, mae, masker)                    # [N, L]
+        if self.mode == "gumbel":
+            return gumbel_topk_masking(logits, self.ratio, self.tau, self.learned_fraction)
+        probs = torch.sigmoid(logits)
+        masking = prob_topk_masking(probs, self.ratio)
+        # for a discriminator: the chosen mask, with a straight-through path to the probabilities
+        masking.learned_mask = masking.mask + (probs - probs.detach())
+        return masking
+
+
+class Reconstructed(NamedTuple):
+    loss: Tensor            # scalar, the masked (and in mlo mode probability-weighted) loss
+    pred: Tensor            # [N, L, p*p*C] predicted patches (``mae.unpatchify`` for images)
+    per_patch: Tensor       # [N, L] per-patch loss, visible patches included
+    masking: Masking
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(images, labels or None, boxes or None) from ``x``, ``(x, y)`` or ``(x, y, boxes)``."""
+    if isinstance(batch, Tensor):
+        return batch, None, None
+    x = batch[0]
+    y = batch[1] if len(batch) > 1 else None
+    boxes = batch[2] if len(batch) > 2 else None
+    return x, y, boxes
+
+
+class Reconstruction(Problem):
+    """MAE pretraining: minimise the reconstruction loss of the masked patches.
+
+    YAML options beside the common keys: ``masking`` (random | object_prior | mlo | gumbel),
+    ``mask_ratio`` (0.75), ``masker`` (the problem whose module masks, default ``mask``; must be in
+    ``reads`` for mlo and gumbel), ``beta``, ``box_threshold``, ``background`` (object_prior),
+    ``tau``, ``learned_fraction`` (gumbel), ``detach_masker_input`` (true), ``masker_input``
+    (auto), ``fused_attention`` (auto). The module is a ``MaskedAutoencoder``.
+    """
+
+    augment = True
+    wants_context = True
+
+    def __init__(self, *args, masking: str = "random", mask_ratio: float = 0.75,
+                 masker: str = "mask", beta: float = 0.5, box_threshold: float = 0.5,
+                 background: str = "border", tau: float = 1.0, learned_fraction: float = 1 / 3,
+                 detach_masker_input: bool = True, masker_input: str = "auto",
+                 fused_attention: Any = "auto", context: Mapping[str, Any] | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec = MaskingSpec(masking, mask_ratio, beta, box_threshold, background, tau,
+                                learned_fraction, bool(detach_masker_input), masker_input)
+        self.masker = masker
+        if self.spec.learned and masker not in self.reads:
+            raise ValueError(f"masking '{masking}' reads the masker of problem '{masker}': add "
+                             f"it to problems.{self.name}.reads")
+        self.fused_attention = configure_attention(self.module, fused_attention, context)
+
+    # -- what the pictures code calls -------------------------------------------------------
+    def masking_for(self, imgs: Tensor, boxes: Tensor | None = None) -> Masking:
+        """The masks this problem would train on for ``imgs`` [N, C, H, W] (same mode, same
+        masker); wrap in ``torch.no_grad()`` when only looking."""
+        masker = self.read(self.masker) if self.spec.learned else None
+        return self.spec.make(imgs, self.module, masker, boxes)
+
+    def reconstruct(self, imgs: Tensor, masking: Masking | None = None,
+                    boxes: Tensor | None = None) -> Reconstructed:
+        """Reconstruct ``imgs`` under ``masking`` (default: ``masking_for(imgs)``)."""
+        masking = self.masking_for(imgs, boxes) if masking is None else masking
+        loss, pred, per_patch = self.module(imgs, masking)
+        return Reconstructed(loss, pred, per_patch, masking)
+
+    # -- the level's loss -------------------------------------------------------------------
+    def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        imgs, _, boxes = split_batch(batch)
+        out = self.reconstruct(imgs, boxes=boxes)
+        m = out.masking
+        logs = {"masked_patch_loss": ((out.per_patch * m.mask).sum() / m.mask.sum()).detach()}
+        if m.weights is not None:
+            # what pretraining does to the masker: the mean probability of the masked patches
+            logs["masked_prob"] = ((m.weights * m.mask).sum() / m.mask.sum()).detach()
+        return out.loss, logs
