@@ -189,6 +189,7 @@ def test_masks_from_the_pretraining_problems_reconstruct(tmp_path):
     """problems.pretrain.Reconstruction returns predicted *patches* (``.pred``) and ``.masking``:
     the pictures show exactly its mask and its prediction turned back into images."""
     from mlomae.eval.pictures import patches_to_images
+    pytest.importorskip("problems.pretrain")
     cfg = load(write_experiment(tmp_path, "sqlite:///unused.db",
                                 target="problems.pretrain.Reconstruction"))
     built = build(cfg)

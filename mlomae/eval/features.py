@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..data import dataset_labels, make_loader
 from ..errors import ConfigError
+from ..models.attention import fused_attention
 from .spec import PIXELS, Labels
 
 
@@ -132,9 +133,10 @@ def extract(built, model: nn.Module | None, role: str, items: np.ndarray, pool: 
         model.eval()
     feats, labels = [], []
     try:
-        for x, y in loader_for(built, role, items, batch_size).iter_epoch():
-            feats.append(features_of(model, x, pool).float().cpu())
-            labels.append(y.cpu())
+        with fused_attention(model if model is not None else nn.Module(), True):
+            for x, y in loader_for(built, role, items, batch_size).iter_epoch():
+                feats.append(features_of(model, x, pool).float().cpu())
+                labels.append(y.cpu())
     finally:
         if model is not None:
             model.train(was)

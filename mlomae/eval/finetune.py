@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.attention import set_fused_attention
 from .features import batch_size_of, features_of, loader_for, role_items
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -87,23 +88,13 @@ def accuracy(model: nn.Module, batches) -> float:
     return 100.0 * correct / max(n, 1)
 
 
-def run(built, spec: Mapping[str, Any], model: nn.Module) -> float:
-    """Fine-tune a copy of ``model`` on the train role's (labelled share of) items; test top-1."""
-    seed = built.cfg["seed"] if spec["seed"] is None else spec["seed"]
-    bs = int(spec.get("batch_size") or built.data.section.get("batch_size", 128))
-    items = role_items(built, spec["train"], spec["labels"])
-    train = loader_for(built, spec["train"], items, bs, augment=spec["augment"], shuffle=True,
-                       seed=seed, drop_last=True)
-    test = loader_for(built, spec["test"], role_items(built, spec["test"]),
-                      batch_size_of(built, spec))
-    with torch.random.fork_rng(devices=[]):   # the head's init leaves the global stream alone
-        torch.manual_seed(seed)
-        encoder = copy.deepcopy(model).eval()
-        with torch.no_grad():   # the feature width, from one image
-            x0, _ = next(iter(loader_for(built, spec["train"], items[:1], 1)))
-            dim = features_of(encoder, x0, spec["pool"]).shape[1]
-        clf = FeatureClassifier(encoder, dim, built.data.meta.num_classes, spec["pool"])
-        clf = clf.to(built.device)
+def _train(built, spec: Mapping[str, Any], model: nn.Module, items, train) -> FeatureClassifier:
+    encoder = copy.deepcopy(model).eval()
+    set_fused_attention(encoder, True)   # first-order training: the fused kernel is allowed
+    with torch.no_grad():   # the feature width, from one image
+        x0, _ = next(iter(loader_for(built, spec["train"], items[:1], 1)))
+        dim = features_of(encoder, x0, spec["pool"]).shape[1]
+    clf = FeatureClassifier(encoder, dim, built.data.meta.num_classes, spec["pool"]).to(built.device)
     groups = param_groups(clf, spec["weight_decay"], spec["layer_decay"])
     opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(0.9, 0.999))
     total = spec["epochs"] * len(train)
@@ -120,6 +111,21 @@ def run(built, spec: Mapping[str, Any], model: nn.Module) -> float:
             loss.backward()
             opt.step()
             step += 1
+    return clf
+
+
+def run(built, spec: Mapping[str, Any], model: nn.Module) -> float:
+    """Fine-tune a copy of ``model`` on the train role's (labelled share of) items; test top-1."""
+    seed = built.cfg["seed"] if spec["seed"] is None else spec["seed"]
+    bs = int(spec.get("batch_size") or built.data.section.get("batch_size", 128))
+    items = role_items(built, spec["train"], spec["labels"])
+    train = loader_for(built, spec["train"], items, bs, augment=spec["augment"], shuffle=True,
+                       seed=seed, drop_last=True)
+    test = loader_for(built, spec["test"], role_items(built, spec["test"]),
+                      batch_size_of(built, spec))
+    # the seed fixes the head's init and any dropout; the caller's random stream is left alone
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = _train(built, spec, model, items, train)
     clf.eval()
     return accuracy(clf, test.iter_epoch())
-

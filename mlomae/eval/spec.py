@@ -9,7 +9,22 @@ An experiment's ``evaluation:`` list holds one mapping per evaluation, e.g.
       - {protocol: knn, k: 20, temperature: 0.07}    # -> knn_top1
       - {protocol: finetune, epochs: 5, layer_decay: 0.75}   # -> finetune_top1
 
-Result names use only characters MLflow accepts in metric names (no ``@`` or ``%``).
+Keys (defaults in ``COMMON`` and ``PROTOCOL_KEYS`` below):
+
+- every protocol: ``model`` (default: the first model with ``forward_features``; ``pixels`` =
+  flattened normalised pixels, not for finetune), ``train`` (role, ``finetune``), ``test``
+  (role, ``test``), ``labels`` (class-balanced share of the train role: ``100%``, ``10%``,
+  ``1%``, any percentage), ``pool`` (``mean`` | ``cls``), ``batch_size`` (feature extraction;
+  for finetune the training batch, default ``data.batch_size``), ``name`` (the result's name).
+- linear: ``weight_decay`` (L2 on the weights, 1e-4), ``max_iter`` (L-BFGS iterations, 500),
+  ``standardize`` (train mean/std, true).
+- knn: ``k`` (20), ``temperature`` (0.07), ``vote`` (``weighted`` | ``majority``).
+- finetune: ``epochs`` (5), ``lr`` (1e-3), ``weight_decay`` (0.05), ``layer_decay`` (0.75; 1 =
+  none), ``warmup_epochs`` (1), ``label_smoothing`` (0.1), ``augment`` (the data's training
+  augmentation, true), ``seed`` (default: the experiment's).
+
+Result names use only characters MLflow accepts in metric names (no ``@`` or ``%``); values are
+top-1 in percent.
 """
 
 from __future__ import annotations
