@@ -149,6 +149,8 @@ def build(cfg: Config, *, rank: int = 0, world: int = 1, callbacks=()) -> Built:
     data = build_data(cfg, rank, world)
     seed_everything(cfg["seed"])  # model initialisation identical on every rank
     models = build_models(cfg, device)
+    if rank:  # then each process draws its own masks and noise
+        seed_everything(cfg["seed"] + 7919 * rank)
     deps = dependencies(cfg)
     method, flat, per = hypergrad_options(cfg["hypergrad"])
     # how many steps each problem takes over the run, for learning-rate schedules
@@ -183,12 +185,17 @@ def build(cfg: Config, *, rank: int = 0, world: int = 1, callbacks=()) -> Built:
             raise cfg.error(f"building the problem failed: {e}", key=key) from None
     try:
         engine = Engine(list(problems.values()), deps, method=method, options=flat,
-                        method_options=per, device=device,
+                        method_options=per, device=device, reducer=_reducer(world),
                         on_nonfinite=tr["on_nonfinite"], autocast_dtype=PRECISION[tr["precision"]],
                         callbacks=list(callbacks))
     except MlomaeError as e:
         raise ConfigError(str(e), file=cfg.file, key="dependencies") from None
     return Built(cfg, device, models, problems, engine, data)
+
+
+def _reducer(world: int):
+    from .distributed import reducer
+    return reducer(world)
 
 
 def check_evaluation(cfg: Config) -> None:

@@ -10,6 +10,7 @@ one outer step.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -41,6 +42,22 @@ class StepRecord:
     skipped: bool = False
 
 
+class Reducer:
+    """Averages gradients over data-parallel processes; this one process is the identity.
+
+    ``mean`` for gradients and hypergradients, ``mean_differentiable`` for the gradients of
+    recorded (unrolled) steps, ``all`` for a decision every process must take alike."""
+
+    def mean(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
+        return tensors
+
+    def mean_differentiable(self, tensors: list[Tensor]) -> list[Tensor]:
+        return tensors
+
+    def all(self, flag: bool) -> bool:
+        return flag
+
+
 class Callback:
     """Hooks the runner attaches: tracking, checkpoints, progress. All optional."""
 
@@ -67,7 +84,8 @@ class Engine:
                  method: str = "darts", options: Mapping[str, Any] | None = None,
                  method_options: Mapping[str, Mapping[str, Any]] | None = None,
                  device: str | torch.device = "cpu", on_nonfinite: str = "raise",
-                 autocast_dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = ()):
+                 autocast_dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = (),
+                 reducer: "Reducer | None" = None):
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip' (got {on_nonfinite!r})")
         self.problems: dict[str, Problem] = {p.name: p for p in problems}
@@ -81,6 +99,7 @@ class Engine:
         self.on_nonfinite = on_nonfinite
         self.autocast_dtype = autocast_dtype
         self.callbacks = list(callbacks)
+        self.reducer = reducer or Reducer()
         self.schedule = self.graph.cycle()
         self.unrolled = self.graph.unrolled()
         for name in self.unrolled:
@@ -145,14 +164,15 @@ class Engine:
         rec.seconds = time.perf_counter() - t0
         return rec
 
-    def _gradients(self, p: Problem, batch: Any):
+    def _gradients(self, p: Problem, batch: Any, params: list[Tensor] | None = None):
         """Loss, logs, direct gradient and hypergradient of ``p`` on ``batch``."""
-        params = p.params()
+        params = p.params() if params is None else params
         plan = self.graph.plans.get(p.name)
         loss, logs = self._eval(p, batch)
         entered = [self.problems[n] for n in plan.enters] if plan else []
         targets = params + [t for q in entered for t in q.params()]
         grads = list(torch.autograd.grad(loss, targets, allow_unused=True)) if targets else []
+        grads = self.reducer.mean(grads)
         direct = grads[:len(params)]
         hyper = None
         if plan:
@@ -166,7 +186,7 @@ class Engine:
 
     def _plain_step(self, p: Problem, batch: Any) -> StepRecord:
         params = p.params()
-        loss, logs, direct, hyper = self._gradients(p, batch)
+        loss, logs, direct, hyper = self._gradients(p, batch, params)
         rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
         if hyper is not None:
             rec.hypergrad_norm = _norm(hyper)
@@ -201,7 +221,7 @@ class Engine:
         """Check, clip and apply gradients, then count the step."""
         gnorm = _norm(grads) if grads else torch.zeros((), device=self.device)
         rec.grad_norm = gnorm
-        finite = bool(torch.isfinite(gnorm) & torch.isfinite(loss.detach()))
+        finite = math.isfinite(float(gnorm + loss.detach()))  # one host sync, as bool() was
         if not finite:
             self._nonfinite(p, loss, gnorm, rec)
         if rec.skipped or p.optimizer is None or not params:
@@ -237,7 +257,7 @@ class Engine:
             with rng.replay(q.last_rng, self._cuda):
                 return self._eval(q, q.last_batch)[0]
 
-        return LowerLevel(params=q.params(), loss=loss_fn, lr=q.lr)
+        return LowerLevel(params=q.params(), loss=loss_fn, lr=q.lr, reduce=self.reducer.mean)
 
     def _hypergradient(self, upper: Problem, adj: dict[str, list[Tensor]]) -> list[Tensor | None]:
         """Push the adjoints of the lower problems ``upper`` reads down every path back to
@@ -307,9 +327,10 @@ class Engine:
             loss, logs = self._eval(p, batch)
             grads = torch.autograd.grad(loss, w.params, create_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, w.params)]
+        grads = self.reducer.mean_differentiable(grads)
         rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
         rec.grad_norm = _norm(grads)
-        if not bool(torch.isfinite(rec.grad_norm) & torch.isfinite(loss.detach())):
+        if not self.reducer.all(bool(torch.isfinite(rec.grad_norm) & torch.isfinite(loss.detach()))):
             self._nonfinite(p, loss, rec.grad_norm, rec)
             p.step_count += 1
             return rec
@@ -354,7 +375,9 @@ def _norm(ts: Sequence[Tensor | None]) -> Tensor:
     if not present:
         return torch.zeros(())
     norms = torch._foreach_norm(present)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if any(n.dtype != norms[0].dtype for n in norms):
+        norms = [n.float() for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms).float())
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

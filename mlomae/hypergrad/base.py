@@ -42,12 +42,17 @@ class LowerLevel:
     ``loss`` evaluates f at the current θ on the lower problem's last batch, replaying the same
     randomness (masks, dropout) as the step that used that batch, so finite differences and
     Hessian-vector products see one function.
+
+    ``reduce`` averages a list of derivatives of ``loss`` over data-parallel processes (the
+    identity in one process); a method applies it to every such derivative it computes, so
+    that its result is the one the whole batch would give.
     """
 
     params: list[Tensor]
     loss: Callable[[], Tensor]
     lr: float = 1.0
     trace: UnrollTrace | None = None
+    reduce: Callable[[list], list] = field(default=lambda ts: ts)
 
 
 class HypergradMethod(Protocol):
@@ -60,7 +65,8 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 
 def norm(a: Sequence[Tensor]) -> Tensor:
-    return torch.sqrt(sum((x.detach() * x.detach()).sum() for x in a))
+    norms = torch._foreach_norm([x.detach() for x in a])   # one call, not two ops per tensor
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def inner_grad(lower: LowerLevel) -> list[Tensor]:
@@ -70,19 +76,20 @@ def inner_grad(lower: LowerLevel) -> list[Tensor]:
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, lower.params)]
 
 
-def hvp_fn(grads: Sequence[Tensor], params: Sequence[Tensor]) -> Callable[[list[Tensor]], list[Tensor]]:
+def hvp_fn(grads: Sequence[Tensor], params: Sequence[Tensor],
+           reduce: Callable[[list], list] = lambda ts: ts) -> Callable[[list[Tensor]], list[Tensor]]:
     """w ↦ H w, reusing one graph of ∇_θ f."""
 
     def hvp(w: list[Tensor]) -> list[Tensor]:
         out = torch.autograd.grad(grads, params, grad_outputs=w, retain_graph=True,
                                   allow_unused=True)
-        return [o if o is not None else torch.zeros_like(p) for o, p in zip(out, params)]
+        return reduce([o if o is not None else torch.zeros_like(p) for o, p in zip(out, params)])
 
     return hvp
 
 
 def mixed_vjp(grads: Sequence[Tensor], inputs: Sequence[Tensor], w: Sequence[Tensor],
-              ) -> list[Tensor | None]:
+              reduce: Callable[[list], list] = lambda ts: ts) -> list[Tensor | None]:
     """-(∂²f/∂x∂θ) w for each input x (None where f does not depend on x)."""
     out = torch.autograd.grad(grads, list(inputs), grad_outputs=list(w), allow_unused=True)
-    return [None if o is None else -o for o in out]
+    return reduce([None if o is None else -o for o in out])

@@ -13,5 +13,5 @@ from .linalg import conjugate_gradient
 def cg(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, iters: int = 5,
        tol: float = 1e-10, **_: object) -> list[Tensor | None]:
     grads = inner_grad(lower)
-    w = conjugate_gradient(hvp_fn(grads, lower.params), [t.detach() for t in v], iters, tol)
-    return mixed_vjp(grads, inputs, w)
+    w = conjugate_gradient(hvp_fn(grads, lower.params, lower.reduce), [t.detach() for t in v], iters, tol)
+    return mixed_vjp(grads, inputs, w, lower.reduce)

@@ -19,14 +19,15 @@ from .base import LowerLevel, norm
 def darts(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, alpha: float = 0.01,
           scale: float = 1.0, **_: object) -> list[Tensor | None]:
     inputs = list(inputs)
+    params = list(lower.params)
     vs = [t.detach() for t in v]
-    eps = alpha / (norm(vs).item() + 1e-12)
-    saved = [p.detach().clone() for p in lower.params]
+    eps = alpha / (float(norm(vs)) + 1e-12)
+    saved = [p.detach().clone() for p in params]
 
     def grad_at(sign: float) -> tuple[Tensor | None, ...]:
-        with torch.no_grad():
-            for p, s, d in zip(lower.params, saved, vs):
-                p.copy_(s).add_(d, alpha=sign * eps)
+        with torch.no_grad():  # one foreach call per list, not one op per tensor
+            torch._foreach_copy_(params, saved)
+            torch._foreach_add_(params, vs, alpha=sign * eps)
         loss = lower.loss()
         return torch.autograd.grad(loss, inputs, allow_unused=True)
 
@@ -35,8 +36,7 @@ def darts(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, a
         minus = grad_at(-1.0)
     finally:
         with torch.no_grad():
-            for p, s in zip(lower.params, saved):
-                p.copy_(s)
+            torch._foreach_copy_(params, saved)
     out: list[Tensor | None] = []
     for gp, gm in zip(plus, minus):
         if gp is None and gm is None:
@@ -44,5 +44,5 @@ def darts(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, a
             continue
         gp = torch.zeros_like(gm) if gp is None else gp
         gm = torch.zeros_like(gp) if gm is None else gm
-        out.append((gm - gp) * (scale / (2 * eps)))
+        out.append((gm - gp).mul_(scale / (2 * eps)))
     return out

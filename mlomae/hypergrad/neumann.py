@@ -16,5 +16,5 @@ def neumann(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *,
     gradient steps linearised at θ)."""
     grads = inner_grad(lower)
     step = lower.lr if eta is None else eta
-    w = neumann_series(hvp_fn(grads, lower.params), [t.detach() for t in v], iters, step)
-    return mixed_vjp(grads, inputs, w)
+    w = neumann_series(hvp_fn(grads, lower.params, lower.reduce), [t.detach() for t in v], iters, step)
+    return mixed_vjp(grads, inputs, w, lower.reduce)

@@ -38,4 +38,6 @@ def unroll(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor],
                 acc = g if acc is None else acc + g
         out.append(acc)
         i += len(group)
-    return out
+    # each process differentiated its own share of the lower batches (the recorded steps
+    # averaged gradients across processes differentiably): the average is the whole batch's
+    return lower.reduce(out)
