@@ -23,7 +23,7 @@ METHODS: dict[str, HypergradMethod] = {
 # Options each method accepts, with defaults (for validation and for `mlomae graph`).
 OPTIONS: dict[str, dict[str, object]] = {
     "unroll": {},
-    "darts": {"alpha": 0.01, "scale": 1.0},
+    "darts": {"alpha": 0.01, "scale": 1.0, "exact": False},
     "neumann": {"iters": 5, "eta": None},
     "cg": {"iters": 5, "tol": 1e-10},
     "first_order": {},

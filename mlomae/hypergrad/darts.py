@@ -4,6 +4,12 @@
 
 Two first-order evaluations of f; no second derivative, so it also runs through fused attention.
 θ is restored bit for bit afterwards (copied back, not re-added).
+
+``exact=True`` computes the limit ε → 0 instead, −∇_x(∇_θ f · v), by one forward and a double
+backward through ∇_θ f. When θ is small next to what lies between x and the loss (a linear head
+on a deep encoder: MLO-MAE's fine-tune level) that is one pass through the encoder instead of two
+(benchmarks/README.md, question 3b); it needs second derivatives of f in θ, so not where θ sits
+under fused attention.
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import LowerLevel, norm
+from .base import LowerLevel, inner_grad, mixed_vjp, norm
 
 
 def darts(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, alpha: float = 0.01,
-          scale: float = 1.0, **_: object) -> list[Tensor | None]:
+          scale: float = 1.0, exact: bool = False, **_: object) -> list[Tensor | None]:
     inputs = list(inputs)
     params = list(lower.params)
     vs = [t.detach() for t in v]
+    if exact:
+        out = mixed_vjp(inner_grad(lower), inputs, vs, lower.reduce)
+        return [None if o is None else o.mul_(scale) for o in out]
     eps = alpha / (float(norm(vs)) + 1e-12)
     saved = [p.detach().clone() for p in params]
 
