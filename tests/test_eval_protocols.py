@@ -181,3 +181,13 @@ def test_parse_labels_forms():
     assert parse_labels(1).fraction == 1
     with pytest.raises(ConfigError):
         parse_labels(10)   # ten what? a count is not a share
+
+
+def test_check_evaluation_fails_before_training_on_any_bad_key():
+    from mlomae.config import Config
+    from mlomae.eval import check_evaluation
+    good = [{"protocol": "problem", "problem": "finetune"}, {"protocol": "knn", "k": 5}]
+    check_evaluation(Config({"evaluation": good}, "exp.yaml"))
+    with pytest.raises(ConfigError) as e:
+        check_evaluation(Config({"evaluation": good + [{"protocol": "knn", "vote": "loud"}]}, "exp.yaml"))
+    assert (e.value.file, e.value.key) == ("exp.yaml", "evaluation[2].vote")
