@@ -50,9 +50,14 @@ def problem_protocol(built, spec: Mapping[str, Any], run_dir: Path, key: str) ->
     if not callable(getattr(p, "evaluate", None)):
         raise ConfigError(f"{type(p).__name__} has no evaluate() method", file=built.cfg.file,
                           key=f"{key}.problem", value=name)
+    from .features import loader_for, role_items
     split = spec.get("split", "test")
-    loader = built.data.loader(split, spec.get("batch_size"), augment=False, shuffle=False,
-                               drop_last=False, device=built.device)
+    if split not in built.data.indices:
+        raise ConfigError("names no role of data.splits", file=built.cfg.file, key=f"{key}.split",
+                          value=split, hint="roles: " + ", ".join(built.data.indices))
+    # the whole split on every process (built.data.loader would give each rank its shard only)
+    bs = spec.get("batch_size") or built.data.section.get("batch_size", 128)
+    loader = loader_for(built, split, role_items(built, split), bs)
     return dict(p.evaluate(loader.iter_epoch()))
 
 
