@@ -199,18 +199,9 @@ def _reducer(world: int):
 
 
 def check_evaluation(cfg: Config) -> None:
-    """Evaluations are named before training starts, so a typo costs seconds, not a run."""
-    from .eval import PROTOCOLS
-    entries = cfg.get("evaluation") or []
-    if not isinstance(entries, list):
-        raise cfg.error("must be a list of {protocol: ..., ...}", key="evaluation", value=entries)
-    for i, spec in enumerate(entries):
-        if not isinstance(spec, dict) or "protocol" not in spec:
-            raise cfg.error("each evaluation needs a 'protocol'", key=f"evaluation[{i}]", value=spec)
-        if spec["protocol"] not in PROTOCOLS:
-            raise cfg.error("unknown evaluation protocol" + _did_you_mean(spec["protocol"], PROTOCOLS),
-                            key=f"evaluation[{i}].protocol", value=spec["protocol"],
-                            hint="known: " + ", ".join(sorted(PROTOCOLS)))
+    """Evaluations are checked before training starts, so a typo costs seconds, not a run."""
+    from .eval import check_evaluation as check
+    check(cfg)
 
 
 def config_digest(cfg: Config) -> str:

@@ -209,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["timm"], default="timm")
     sp.add_argument("--out", required=True, help="output .safetensors file")
     sp.add_argument("--model", help="the model to export (default: the MAE)")
+    sp.add_argument("--pool", choices=["cls", "mean"], default="cls",
+                    help="the timm global_pool written beside the weights")
     return p
 
 

@@ -270,7 +270,30 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     data = _interpolate(data, file)
     cfg = Config(data=data, file=file, overrides=list(overrides or []))
     validate(cfg)
+    _absolute_paths(cfg)
     return cfg
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """Targets given by file path and a relative sqlite store are made absolute, so that a
+    run directory's ``config.yaml`` means the same from any working directory."""
+    def fix(spec: Any) -> None:
+        if isinstance(spec, dict) and isinstance(spec.get("target"), str) and ":" in spec["target"]:
+            path_s, _, attr = spec["target"].rpartition(":")
+            p = Path(os.path.expanduser(path_s))
+            if not p.is_absolute():
+                for base in (cfg.base_dir, Path.cwd()):
+                    if (base / p).is_file():
+                        spec["target"] = f"{(base / p).resolve()}:{attr}"
+                        break
+    for spec in (cfg.data.get("models") or {}).values():
+        fix(spec)
+    for spec in cfg.data["problems"].values():
+        fix(spec)
+    uri = cfg.data["tracking"]["uri"]
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        cfg.data["tracking"]["uri"] = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    cfg.data["tracking"]["runs_dir"] = str(Path(cfg.data["tracking"]["runs_dir"]).expanduser().resolve())
 
 
 # -- schema ------------------------------------------------------------------------------

@@ -174,8 +174,8 @@ class Runner:
             cbs.append(Progress(total, metrics, self.stream))
         if tr["eval_every"]:
             cbs.append(Periodic(tr["eval_every"], total, self._validate_hook(metrics)))
-        if tr["checkpoint_every"]:
-            cbs.append(Periodic(tr["checkpoint_every"], total, self.save_checkpoint, at_end=True))
+        # always a final checkpoint: `mlomae eval`, `masks` and `export` reload it
+        cbs.append(Periodic(tr["checkpoint_every"], total, self.save_checkpoint, at_end=True))
         cbs.append(stopper)
         self.engine.callbacks = cbs
         previous = {}
@@ -187,10 +187,11 @@ class Runner:
             for s in (signal.SIGTERM, signal.SIGINT):
                 previous[s] = signal.signal(s, handler)
         self.t0 = time.perf_counter()
-        status, error, evals = "FINISHED", None, {}
+        status, error, evals, pictures = "FINISHED", None, {}, {}
         try:
             self.engine.run(total)
             evals = self.evaluate()
+            pictures = self.pictures()
         except Stopped as e:
             status, error = "KILLED", str(e)
             raise
@@ -204,6 +205,8 @@ class Runner:
             for s, h in previous.items():
                 signal.signal(s, h)
             summary = self._summary(status, error, metrics, evals)
+            if pictures:
+                summary["pictures"] = {k: str(p.relative_to(self.run_dir.path)) for k, p in pictures.items()}
             if self.main:
                 self.run_dir.write_json("summary.json", summary)
                 self.run_dir.close()
@@ -214,9 +217,25 @@ class Runner:
                                                    self.run_dir.path / "summary.json"])
         return summary
 
+    def pictures(self) -> dict[str, Path]:
+        """Masks, reconstructions, mask heat map and curves, for runs that draw masks."""
+        if not self.main or self.built.data is None or "test" not in self.built.data.indices:
+            return {}
+        if not any(callable(getattr(p, "reconstruct", None)) for p in self.built.problems.values()):
+            return {}
+        from .eval.pictures import make_pictures
+        self.run_dir.flush()
+        try:
+            return make_pictures(self.built, self.run_dir.path, self.run_dir.path / "pictures")
+        except (MlomaeError, OSError, ValueError) as e:
+            warn(f"pictures not drawn: {e}")
+            return {}
+
     def evaluate(self) -> dict[str, Any]:
-        """The experiment's final evaluations: the only reader of the test split."""
+        """The experiment's final evaluations: the only reader of the test split (rank 0)."""
         results: dict[str, Any] = {}
+        if not self.main:
+            return results
         for i, spec in enumerate(self.cfg.get("evaluation") or []):
             from .eval import run_protocol
             key = f"evaluation[{i}]"
@@ -235,7 +254,7 @@ class Runner:
         wall = self.wall_before + (time.perf_counter() - self.t0)
         return {
             "name": self.cfg["name"], "experiment": self.cfg["tracking"]["experiment"],
-            "status": status, "error": error, "config_file": str(self.cfg.file),
+            "status": status, "error": error, "config_file": str(Path(self.cfg.file).resolve()),
             "outer_steps": self.engine.outer_step, "target_steps": self.cfg["trainer"]["steps"],
             "problem_steps": {n: p.step_count for n, p in self.engine.problems.items()},
             "skipped_steps": {n: p.skipped for n, p in self.engine.problems.items()},
