@@ -1,0 +1,156 @@
+"""Reconstruction's masking modes and the interface the pictures code calls; Classification's
+evaluation. References: counts of masked patches, the masker's own outputs, hand-built boxes,
+autograd with the probabilities as constants, and accuracies counted by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlomae.models.masking import Masking, num_learned, num_masked
+from problems.finetune import Classification
+from problems.pretrain import MaskingSpec, Reconstructed, Reconstruction
+from test_problems_tiny import DT, IMG, PATCH, L, tiny_head, tiny_mae, tiny_masker
+from test_problems_tiny import one_thread  # noqa: F401  (an autouse fixture)
+
+
+class Holder:
+    """Stands in for the masker problem: ``Reconstruction`` reads ``.module`` through peers."""
+
+    def __init__(self, module):
+        self.module = module
+
+
+def pretrain(masking="random", masker=None, **kw) -> Reconstruction:
+    reads = ["mask"] if masker is not None else []
+    p = Reconstruction("pretrain", tiny_mae(), reads=reads, masking=masking,
+                       fused_attention=False, **kw)
+    if masker is not None:
+        p._peers = {"mask": Holder(masker)}
+    return p
+
+
+def images(n=5, seed=0):
+    return torch.randn(n, 1, IMG, IMG, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def test_random_masking_counts_and_replays_with_the_seed():
+    p = pretrain("random", mask_ratio=0.5)
+    x = images()
+    torch.manual_seed(3)
+    a = p.masking_for(x)
+    torch.manual_seed(3)
+    b = p.masking_for(x)
+    assert torch.all(a.mask.sum(1) == num_masked(L, 0.5))      # 9 patches, 4 visible, 5 masked
+    assert torch.equal(a.mask, b.mask) and a.weights is None
+
+
+def test_object_prior_prefers_the_box_from_the_batch_or_from_the_image():
+    """A bright 4x8 block on a flat background covers patches 0 and 1 (top row, left two). With
+    beta = 1e9 those two are always among the masked: from boxes given with the batch, and from
+    ``foreground_boxes`` when the batch has none."""
+    x = torch.full((4, 1, IMG, IMG), -1.0, dtype=DT)
+    x[:, :, 0:4, 0:8] = 2.0
+    p = pretrain("object_prior", beta=1e9, mask_ratio=0.25)    # 3 of 9 masked (keep int(6.75))
+    k = num_masked(L, 0.25)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 4.0]] * 4)
+    for given in (boxes, None):
+        torch.manual_seed(0)
+        m = p.masking_for(x, boxes=given).mask
+        assert torch.all(m.sum(1) == k) and torch.all(m[:, :2] == 1)
+
+
+def test_mlo_weights_are_the_masker_probabilities_of_the_top_k():
+    masker = tiny_masker()
+    p = pretrain("mlo", masker=masker)
+    x = images()
+    m = p.masking_for(x)
+    probs = masker(p.module.embed_patches(x))
+    assert torch.equal(m.weights, probs)
+    k = num_masked(L, 0.75)
+    top = torch.topk(probs, k, dim=1).indices
+    assert torch.equal(m.mask.gather(1, top), torch.ones_like(top, dtype=m.mask.dtype))
+    assert torch.equal(m.learned_mask.detach(), m.mask)        # forward: exactly the 0/1 mask
+    # backward through learned_mask: d sum / d probs = 1 per patch
+    g = torch.autograd.grad(m.learned_mask.sum(), m.weights)[0]
+    assert torch.equal(g, torch.ones_like(g))
+
+
+def test_gumbel_learned_and_random_counts():
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.value = torch.nn.Parameter(torch.zeros(L, dtype=DT))
+
+        def logits(self, x):
+            return self.value.expand(x.shape[0], -1)
+
+    p = pretrain("gumbel", masker=Logits(), learned_fraction=1 / 3, tau=0.7)
+    torch.manual_seed(0)
+    m = p.masking_for(images())
+    assert torch.all(m.mask.detach().sum(1) == num_masked(L, 0.75))                 # 7
+    assert torch.all(m.learned_mask.detach().sum(1) == num_learned(L, 0.75, 1 / 3))  # 2
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_masker_input_decides_whether_pretraining_trains_it(detach):
+    """The pretraining gradient of the patch embedding: with ``detach_masker_input`` it equals
+    the gradient with the probabilities fed in as constants (pretraining cannot push the
+    masker's input); without it, the path through the masker adds to it."""
+    masker = tiny_masker()
+    p = pretrain("mlo", masker=masker, detach_masker_input=detach)
+    x = images()
+    w = p.module.patch_embed.proj.weight
+    g = torch.autograd.grad(p.loss((x, None))[0], w)[0]
+    m = p.masking_for(x)
+    const = Masking(m.mask, m.ids_keep, m.ids_restore, weights=m.weights.detach())
+    g_const = torch.autograd.grad(p.module(x, const)[0], w)[0]
+    if detach:
+        assert torch.allclose(g, g_const, rtol=1e-12, atol=1e-15)
+    else:
+        assert float((g - g_const).norm()) > 1e-6 * float(g_const.norm())
+
+
+def test_reconstruct_is_the_interface_for_pictures():
+    """``reconstruct(imgs)`` -> Reconstructed(loss, pred [N, L, p*p*C], per_patch [N, L],
+    masking); the loss is the MAE's own under that masking."""
+    p = pretrain("mlo", masker=tiny_masker())
+    x = images(3)
+    out = p.reconstruct(x)
+    assert isinstance(out, Reconstructed)
+    assert out.pred.shape == (3, L, PATCH * PATCH) and out.per_patch.shape == (3, L)
+    assert torch.equal(out.loss, p.module(x, out.masking)[0])
+    assert p.module.unpatchify(out.pred).shape == x.shape
+
+
+def test_reconstruction_options_are_checked():
+    with pytest.raises(ValueError, match="add it to problems.pretrain.reads"):
+        Reconstruction("pretrain", tiny_mae(), masking="mlo", fused_attention=False)
+    with pytest.raises(ValueError, match="masking must be one of"):
+        MaskingSpec("learned")
+    with pytest.raises(ValueError, match="mask ratio"):
+        MaskingSpec("random", ratio=1.5)
+    with pytest.raises(ValueError, match="masker_input"):
+        MaskingSpec("mlo", masker_input="pixels")
+
+
+def test_classification_evaluate_counts_by_hand():
+    """Accuracy (percent) and summed cross-entropy over uneven batches, the head back in
+    training mode afterwards, equal to counting the head's argmax by hand."""
+    mae, head = tiny_mae(), tiny_head()
+    p = Classification("finetune", head, reads=["pretrain"], pool="cls")
+    p._peers = {"pretrain": Holder(mae)}
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(n, 1, IMG, IMG, generator=g, dtype=DT) for n in (4, 3)]
+    logits = [head(mae.forward_features(x, "cls")).detach() for x in xs]
+    ys = [lg.argmax(1) for lg in logits]
+    ys[1][0] = (ys[1][0] + 1) % 3                                   # one wrong of 7
+    out = p.evaluate(list(zip(xs, ys)))
+    assert out["test_count"] == 7
+    assert out["test_top1"] == pytest.approx(100 * 6 / 7, abs=1e-12)
+    ce = sum(float(torch.nn.functional.cross_entropy(lg, y, reduction="sum"))
+             for lg, y in zip(logits, ys)) / 7
+    assert out["test_loss"] == pytest.approx(ce, rel=1e-12)
+    assert head.training
+    with pytest.raises(ValueError, match="reads the encoder"):
+        Classification("finetune", head, reads=[])
