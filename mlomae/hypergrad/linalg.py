@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from .base import dot
@@ -18,6 +19,8 @@ def conjugate_gradient(matvec: MatVec, b: list[Tensor], iters: int, tol: float =
     The textbook recurrence (Nocedal & Wright, Alg. 5.2): r = b - A x, p = r,
     α = rᵀr / pᵀAp, x += α p, r -= α Ap, β = r'ᵀr' / rᵀr, p = r' + β p.
     Stops after ``iters`` iterations or when ‖r‖ <= tol·‖b‖.
+    Updates are in place and A p is dropped before the next product, so memory does not
+    depend on ``iters`` (benchmarks/README.md, question 4).
     """
     x = [bi.detach().new_zeros(bi.shape) for bi in b]
     r = [bi.detach().clone() for bi in b]
@@ -29,21 +32,24 @@ def conjugate_gradient(matvec: MatVec, b: list[Tensor], iters: int, tol: float =
             break
         ap = [a.detach() for a in matvec(p)]
         alpha = rr / dot(p, ap)
-        x = [xi + alpha * pi for xi, pi in zip(x, p)]
-        r = [ri - alpha * api for ri, api in zip(r, ap)]
+        torch._foreach_add_(x, torch._foreach_mul(p, alpha))
+        torch._foreach_sub_(r, torch._foreach_mul(ap, alpha))
+        del ap
         rr_new = dot(r, r)
-        beta = rr_new / rr
-        p = [ri + beta * pi for ri, pi in zip(r, p)]
+        torch._foreach_mul_(p, rr_new / rr)
+        torch._foreach_add_(p, r)
         rr = rr_new
     return x
 
 
 def neumann_series(matvec: MatVec, b: list[Tensor], iters: int, eta: float) -> list[Tensor]:
-    """η Σ_{k=0..K} (I − ηA)^k b, which tends to A⁻¹b when ‖I − ηA‖ < 1."""
+    """η Σ_{k=0..K} (I − ηA)^k b, which tends to A⁻¹b when ‖I − ηA‖ < 1 (in place, as above)."""
     term = [bi.detach().clone() for bi in b]
     total = [t.clone() for t in term]
     for _ in range(iters):
-        at = matvec(term)
-        term = [t - eta * a.detach() for t, a in zip(term, at)]
-        total = [s + t for s, t in zip(total, term)]
-    return [eta * s for s in total]
+        at = [a.detach() for a in matvec(term)]
+        torch._foreach_add_(term, at, alpha=-eta)
+        del at
+        torch._foreach_add_(total, term)
+    torch._foreach_mul_(total, eta)
+    return total
