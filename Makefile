@@ -39,3 +39,41 @@ test: dev data
 
 clean:
 	rm -rf runs .pytest_cache
+
+# -- benchmarks (benchmarks/README.md) ------------------------------------------------------------
+# Peers (Betty, higher, TorchOpt) live in their own venv, never among the project's dependencies;
+# it sees the project's venv (torch, timm, mlomae) through a .pth file instead of a second torch.
+BENCH_VENV = benchmarks/.venv-bench
+BENCH_PY   = $(BENCH_VENV)/bin/python
+BENCH      = cd benchmarks && ../$(BENCH_PY) -W ignore
+
+$(BENCH_VENV)/.installed: $(VENV)/.installed
+	test -x $(BENCH_PY) || $(PY) -m venv $(BENCH_VENV)
+	base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	dest=$$($(BENCH_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "import site; site.addsitedir('$$base')" > "$$dest/mlomae-base.pth"
+	$(BENCH_PY) -m pip install -q --ignore-installed --no-deps higher==0.2.1 torchopt==0.7.3
+	# Betty 0.2.1 declares Python < 3.11; its own imports are torch and numpy
+	$(BENCH_PY) -m pip install -q --ignore-installed --no-deps --ignore-requires-python betty-ml==0.2.1
+	$(BENCH_PY) -m pip install -q 'optree>=0.4.1' 'typing-extensions>=4'
+	touch $@
+
+# every question in full, then plots and headlines (about 20 minutes on 2 cores)
+bench: $(BENCH_VENV)/.installed
+	$(BENCH) overhead.py
+	$(BENCH) mae_methods.py
+	$(BENCH) peers_mlp.py
+	$(BENCH) peers_mae.py
+	$(BENCH) memory.py
+	$(BENCH) precision.py
+	$(BENCH) plots.py
+	$(BENCH) headlines.py
+
+# the headline ratios in under two minutes (fewer repeats, fewer configurations)
+bench-quick: $(BENCH_VENV)/.installed
+	$(BENCH) overhead.py --quick
+	$(BENCH) peers_mlp.py --quick
+	$(BENCH) peers_mae.py --quick
+	$(BENCH) memory.py --quick
+	$(BENCH) precision.py --quick
+	$(BENCH) headlines.py --quick
