@@ -8,7 +8,8 @@ Masking modes (``masking:`` in a ``Reconstruction`` entry):
   else from ``foreground_boxes`` (the box of pixels that differ from the border by more than
   ``box_threshold``, in normalised units).
 - ``mlo``: MLO-MAE: the masker's probabilities, top ``mask_ratio`` masked, each masked patch's loss
-  multiplied by its probability (the masker's only differentiable path).
+  multiplied by its probability (the masker's only differentiable path). For a discriminator,
+  ``learned_mask`` holds the ``learned_fraction`` most probable of them (straight-through).
 - ``gumbel``: AutoMAE's generator: a Gumbel top-k with a straight-through estimator (``tau``),
   ``learned_fraction`` of the masked slots chosen by the generator, the rest random.
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from mlomae.engine import Problem
 from mlomae.models.attention import set_fused_attention
-from mlomae.models.masking import (Masking, foreground_boxes, gumbel_topk_masking,
+from mlomae.models.masking import (Masking, foreground_boxes, gumbel_topk_masking, num_learned,
                                    num_masked, object_prior_masking, prob_topk_masking,
                                    random_masking)
 
@@ -84,7 +85,8 @@ class MaskingSpec:
     box_threshold: float = 0.5         # object_prior: foreground = |x - border median| > this
     background: str = "border"         # object_prior: "border" or "zero"
     tau: float = 1.0                   # gumbel: softmax temperature of the straight-through term
-    learned_fraction: float = 1 / 3    # gumbel: share of the masked slots the generator picks
+    learned_fraction: float = 1 / 3    # gumbel: share of the masked slots the generator picks;
+                                       # mlo: share of them a discriminator judges
     detach_masker_input: bool = True   # mlo/gumbel over MAE embeddings: cut the masker's input
     masker_input: str = "auto"         # embeddings | images | auto (images if it has patch_embed)
 
@@ -145,8 +147,13 @@ class MaskingSpec:
             return gumbel_topk_masking(logits, self.ratio, self.tau, self.learned_fraction)
         probs = torch.sigmoid(logits)
         masking = prob_topk_masking(probs, self.ratio)
-        # for a discriminator: the chosen mask, with a straight-through path to the probabilities
-        masking.learned_mask = masking.mask + (probs - probs.detach())
+        # For a discriminator, as AutoMAE's judges the generator's share: the learned_fraction
+        # most probable patches (a subset of the masked ones: the same stable descending order),
+        # with a straight-through path to the probabilities.
+        k = num_learned(L, self.ratio, self.learned_fraction)
+        top = torch.sort(probs.detach(), dim=1, descending=True, stable=True).indices[:, :k]
+        learned = torch.zeros_like(probs).scatter_(1, top, 1.0)
+        masking.learned_mask = learned + (probs - probs.detach())
         return masking
 
 
@@ -173,7 +180,8 @@ class Reconstruction(Problem):
     YAML options beside the common keys: ``masking`` (random | object_prior | mlo | gumbel),
     ``mask_ratio`` (0.75), ``masker`` (the problem whose module masks, default ``mask``; must be in
     ``reads`` for mlo and gumbel), ``beta``, ``box_threshold``, ``background`` (object_prior),
-    ``tau``, ``learned_fraction`` (gumbel), ``detach_masker_input`` (true), ``masker_input``
+    ``tau``, ``learned_fraction`` (gumbel; in mlo the share a discriminator judges),
+    ``detach_masker_input`` (true), ``masker_input``
     (auto), ``fused_attention`` (auto). The module is a ``MaskedAutoencoder``.
     """
 

@@ -70,8 +70,12 @@ def test_mlo_weights_are_the_masker_probabilities_of_the_top_k():
     k = num_masked(L, 0.75)
     top = torch.topk(probs, k, dim=1).indices
     assert torch.equal(m.mask.gather(1, top), torch.ones_like(top, dtype=m.mask.dtype))
-    assert torch.equal(m.learned_mask.detach(), m.mask)        # forward: exactly the 0/1 mask
-    # backward through learned_mask: d sum / d probs = 1 per patch
+    # for a discriminator: the 2 (= a third of 7, rounded) most probable, 0/1 forward ...
+    learned = m.learned_mask.detach()
+    k_learned = num_learned(L, 0.75, 1 / 3)
+    assert torch.all(learned.sum(1) == k_learned) and torch.all(learned <= m.mask)
+    assert torch.equal(learned.gather(1, top[:, :k_learned]), torch.ones(5, k_learned, dtype=DT))
+    # ... and straight-through backward: d sum / d probs = 1 per patch
     g = torch.autograd.grad(m.learned_mask.sum(), m.weights)[0]
     assert torch.equal(g, torch.ones_like(g))
 
