@@ -34,7 +34,8 @@ class MaskLearning(Problem):
     must be in ``reads``), ``fused_attention`` (auto) for a ViT masker.
 
     AutoMAE's generator loss is ``reconstruction: 1.0, adversarial: 0.2``; MLO-MAE's is
-    ``downstream: 1.0``. The adversarial term is always a ratio to the others, never rescaled.
+    ``downstream: 1.0``. The weights multiply the terms as they are (nothing is normalised), so
+    AutoMAE's 0.2 is a ratio to the reconstruction term's weight.
     """
 
     wants_context = True
