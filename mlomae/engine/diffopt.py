@@ -40,9 +40,10 @@ def step(optimizer: torch.optim.Optimizer, real: list[Tensor], params: list[Tens
          grads: list[Tensor], states: list[State]) -> tuple[list[Tensor], list[State]]:
     """One update of ``params`` (graph tensors standing for the optimizer's ``real``
     parameters) with ``grads``; ``states`` as from :func:`initial_states`."""
+    groups = {id(q): g for g in optimizer.param_groups for q in g["params"]}  # not a scan per tensor
     new_params, new_states = [], []
     for r, p, g, s in zip(real, params, grads, states):
-        group = _group_of(optimizer, r)
+        group = groups.get(id(r)) or _group_of(optimizer, r)
         if isinstance(optimizer, torch.optim.SGD):
             np_, ns = _sgd(group, p, g, s)
         elif isinstance(optimizer, torch.optim.Adam):  # AdamW subclasses Adam in torch >= 2.6

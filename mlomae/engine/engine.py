@@ -339,8 +339,7 @@ class Engine:
         new, states = diffopt.step(p.optimizer, real, w.params, grads, w.states)
         w.params, w.states, w.steps = new, states, w.steps + 1
         with torch.no_grad():
-            for x, t in zip(real, new):
-                x.copy_(t)
+            torch._foreach_copy_(real, new)
         diffopt.write_back(p.optimizer, real, states)
         if p.scheduler is not None:
             p.scheduler.step()
