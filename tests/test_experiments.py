@@ -94,6 +94,11 @@ def test_imagenet_run_stops_at_once_saying_where_it_looked(tmp_path, capsys, no_
         assert str(looked) in err
     assert "set data.root (or the environment variable MLOMAE_DATA)" in err
     assert not run_dir.exists()
+    # pointed elsewhere on the command line, it looks there first
+    assert main(["validate", str(ROOT / "experiments" / "imagenet.yaml"),
+                 f"data.root={tmp_path / 'elsewhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.index(str(tmp_path / "elsewhere" / "train")) < err.index(str(tmp_path / "data"))
 
 
 @pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST is not installed")
