@@ -109,7 +109,30 @@ class Engine:
                                  f"optimizer (got {type(opt).__name__ if opt else 'none'})")
         self.outer_step = 0
         self._windows: dict[str, _Window] = {}
+        self._param_cache: dict[str, list[Tensor]] = {}
+        self._named_cache: dict[str, list[tuple[str, Tensor]]] = {}
         self._cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+
+    # -- parameters, looked up once per outer step -----------------------------------------
+    def _params(self, p: Problem) -> list[Tensor]:
+        """``p.params()``, cached until the outer step ends: a module walk per lookup cost ~1%
+        of a 101k-MLP DARTS outer step (benchmarks/README.md, question 3a). Which parameters
+        train may change between outer steps, not within one."""
+        got = self._param_cache.get(p.name)
+        if got is None:
+            got = self._param_cache[p.name] = p.params()
+        return got
+
+    def _named(self, p: Problem) -> list[tuple[str, Tensor]]:
+        got = self._named_cache.get(p.name)
+        if got is None:
+            got = self._named_cache[p.name] = p.named_params()
+        return got
+
+    def _forget(self) -> None:
+        self._windows.clear()  # no graph outlives its outer step
+        self._param_cache.clear()
+        self._named_cache.clear()
 
     # -- running ----------------------------------------------------------------------------
     def run(self, steps: int) -> None:
@@ -124,6 +147,7 @@ class Engine:
     def step(self) -> list[StepRecord]:
         """One outer step: one period of the schedule."""
         records = []
+        self._forget()  # parameters are looked up afresh for each outer step
         try:
             for name in self.schedule:
                 rec = self._step_problem(self.problems[name])
@@ -131,7 +155,7 @@ class Engine:
                 for cb in self.callbacks:
                     cb.on_problem_step(self, rec)
         finally:
-            self._windows.clear()  # no graph outlives its outer step
+            self._forget()
         self.outer_step += 1
         for cb in self.callbacks:
             cb.on_outer_step(self, self.outer_step, records)
@@ -166,11 +190,11 @@ class Engine:
 
     def _gradients(self, p: Problem, batch: Any, params: list[Tensor] | None = None):
         """Loss, logs, direct gradient and hypergradient of ``p`` on ``batch``."""
-        params = p.params() if params is None else params
+        params = self._params(p) if params is None else params
         plan = self.graph.plans.get(p.name)
         loss, logs = self._eval(p, batch)
         entered = [self.problems[n] for n in plan.enters] if plan else []
-        targets = params + [t for q in entered for t in q.params()]
+        targets = params + [t for q in entered for t in self._params(q)]
         grads = list(torch.autograd.grad(loss, targets, allow_unused=True)) if targets else []
         grads = self.reducer.mean(grads)
         direct = grads[:len(params)]
@@ -178,14 +202,14 @@ class Engine:
         if plan:
             adj, i = {}, len(params)
             for q in entered:
-                n = len(q.params())
-                adj[q.name] = _fill(grads[i:i + n], q.params())
+                n = len(self._params(q))
+                adj[q.name] = _fill(grads[i:i + n], self._params(q))
                 i += n
             hyper = self._hypergradient(p, adj)
         return loss, logs, direct, hyper
 
     def _plain_step(self, p: Problem, batch: Any) -> StepRecord:
-        params = p.params()
+        params = self._params(p)
         loss, logs, direct, hyper = self._gradients(p, batch, params)
         rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
         if hyper is not None:
@@ -200,7 +224,7 @@ class Engine:
         """Take the steps the schedule runs before ``name``'s first step in an outer step,
         keeping their differentiable records, so :meth:`gradient` can follow."""
         i = self.schedule.index(name)
-        self._windows.clear()
+        self._forget()
         return [self._step_problem(self.problems[n]) for n in self.schedule[:i]]
 
     def gradient(self, name: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -211,7 +235,7 @@ class Engine:
         try:
             loss, _, direct, hyper = self._gradients(p, batch)
         finally:
-            self._windows.clear()
+            self._forget()
         params = p.params()
         hyper = hyper if hyper is not None else [None] * len(params)
         return loss.detach(), _fill(direct, params), _fill(hyper, params)
@@ -257,13 +281,13 @@ class Engine:
             with rng.replay(q.last_rng, self._cuda):
                 return self._eval(q, q.last_batch)[0]
 
-        return LowerLevel(params=q.params(), loss=loss_fn, lr=q.lr, reduce=self.reducer.mean)
+        return LowerLevel(params=self._params(q), loss=loss_fn, lr=q.lr, reduce=self.reducer.mean)
 
     def _hypergradient(self, upper: Problem, adj: dict[str, list[Tensor]]) -> list[Tensor | None]:
         """Push the adjoints of the lower problems ``upper`` reads down every path back to
         ``upper``'s parameters; return the summed indirect gradient."""
         plan = self.graph.plans[upper.name]
-        own = upper.params()
+        own = self._params(upper)
         hyper: list[Tensor | None] = [None] * len(own)
         for name in plan.order:
             v = adj.pop(name, None)
@@ -272,21 +296,21 @@ class Engine:
             q = self.problems[name]
             method, opts = plan.methods[name]
             reached = [self.problems[r] for r in plan.inputs[name]]
-            inputs = [t for r in reached for t in r.params()]
+            inputs = [t for r in reached for t in self._params(r)]
             lower = self._lower_view(q)
             if method == "unroll":
                 lower.trace = self._trace(q, reached)
             contrib = METHODS[method](v, lower, inputs, **opts)
             i = 0
             for r in reached:
-                n = len(r.params())
+                n = len(self._params(r))
                 part = contrib[i:i + n]
                 i += n
                 if r.name == upper.name:
                     hyper = [_add(h, c) for h, c in zip(hyper, part)]
                 elif any(c is not None for c in part):
                     prev = adj.get(r.name)
-                    part = _fill(part, r.params())
+                    part = _fill(part, self._params(r))
                     adj[r.name] = part if prev is None else [a + b for a, b in zip(prev, part)]
         return hyper
 
@@ -299,12 +323,12 @@ class Engine:
         sources = []
         for r in reached:
             snaps = w.snaps.get(r.name, [])
-            for j in range(len(r.params())):
+            for j in range(len(self._params(r))):
                 sources.append([s[j] for s in snaps])
         return UnrollTrace(outputs=w.params, sources=sources, steps=w.steps)
 
     def _unrolled_step(self, p: Problem, batch: Any) -> StepRecord:
-        named = p.named_params()
+        named = self._named(p)
         real = [x for _, x in named]
         w = self._windows.get(p.name)
         if w is None or w.consumed:
@@ -317,7 +341,7 @@ class Engine:
             stack.enter_context(swap_params(p.module, {n: t for (n, _), t in zip(named, w.params)}))
             for r in p.reads:
                 q = self.problems[r]
-                qnamed = q.named_params()
+                qnamed = self._named(q)
                 if w.snap_at.get(r) != q.step_count or r not in w.snaps:
                     snap = [x.detach().clone().requires_grad_(True) for _, x in qnamed]
                     w.snaps.setdefault(r, []).append(snap)
