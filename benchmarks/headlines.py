@@ -44,6 +44,12 @@ def main() -> None:
             x = r["methods"]["darts_exact_head"]["per_pretrain_step"]
             lines.append(("2 darts (exact head edge), plain steps per pretraining step", f"{x:.2f}",
                           "<= 3.5", verdict(x <= 3.5)))
+    elif load("peers_mae", quick):  # make bench-quick: question 3b's cycles, official wiring
+        r = load("peers_mae", quick)
+        for k, label in (("mlomae", "darts"), ("mlomae_exact_head", "darts, exact head edge")):
+            x = r["cost_per_pretrain_step"][k]
+            lines.append((f"2 {label}, plain steps per pretraining step (official wiring)",
+                          f"{x:.2f}", "<= 3.5", verdict(x <= 3.5)))
     r = load("peers_mlp", quick)
     if r:
         for m, v in r["methods"].items():

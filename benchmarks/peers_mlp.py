@@ -325,7 +325,7 @@ def betty_cg_closed_form() -> dict:
 # -- main -------------------------------------------------------------------------------------
 
 def main() -> None:
-    args = common.parser(__doc__, repeats=15, quick_repeats=5).parse_args()
+    args = common.parser(__doc__, repeats=30, quick_repeats=5).parse_args()
     repeats = common.setup(args)
     train, val, state, s0 = task()
     print(f"peers_mlp: MLP {sum(p.numel() for p in mlp().parameters())} params, batch {N}, "
