@@ -123,6 +123,22 @@ def test_bad_experiment_exits_2_with_message(tmp_path, capsys, name, mutate, ext
     assert not runs.exists() or not any(runs.iterdir()), "a failed start left files behind"
 
 
+QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("models.mae.patch_size=5", ["models.mae", "img_size 28 is not divisible by patch_size 5"]),
+    ("problems.pretrain.mask_ratio=1.5", ["problems.pretrain", "mask ratio must be in (0, 1)", "1.5"]),
+    ("problems.pretrain.mask_ratio=0", ["problems.pretrain", "mask ratio must be in (0, 1)"]),
+    ("problems.pretrain.masking=randm", ["problems.pretrain", "'randm'"]),
+])
+def test_bad_image_experiment(capsys, override, needles):
+    code, _, err = run_cli(["validate", QUICKSTART, override], capsys)
+    assert code == 2 and "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
 def test_yaml_syntax_error(tmp_path, capsys):
     p = tmp_path / "bad.yaml"
     p.write_text("name: x\nproblems: {a: [1, 2}\n")

@@ -56,6 +56,8 @@ class MaskedAutoencoder(nn.Module):
                  embed_dim: int = 128, depth: int = 4, num_heads: int = 4,
                  decoder_embed_dim: int = 64, decoder_depth: int = 2, decoder_num_heads: int = 4,
                  mlp_ratio: float = 4.0, norm_pix_loss: bool = True):
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)   # timm's ViT default: keeps export exact
         self.patch_size, self.in_chans, self.norm_pix_loss = patch_size, in_chans, norm_pix_loss
