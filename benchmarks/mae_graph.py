@@ -50,6 +50,7 @@ class Sizes:
     batch: int = 128
     ratio: float = 0.75
     pool: str = "cls"                 # official: the class token
+    head_norm: bool = False           # experiments/fashion_mnist.yaml: BatchNorm (no affine) first
     detach_masker_input: bool = False  # official: the masker's gradient reaches the embeddings
     pretrain_steps: int = 2
     finetune_steps: int = 1
@@ -69,13 +70,14 @@ def initial_state(s: Sizes, seed: int = 0) -> dict[str, dict]:
     torch.manual_seed(seed)
     return {"mae": mae(s).state_dict(),
             "masker": PatchMLPMasker(s.patches, s.embed, s.masker_hidden).state_dict(),
-            "head": LinearHead(s.embed, s.classes).state_dict()}
+            "head": LinearHead(s.embed, s.classes, norm=s.head_norm).state_dict()}
 
 
 def modules(s: Sizes, state: dict[str, dict]):
     """Fresh MAE, masker and head holding ``state`` (in its dtype)."""
     dtype = next(t.dtype for t in state["mae"].values() if t.is_floating_point())
-    m, k, h = mae(s), PatchMLPMasker(s.patches, s.embed, s.masker_hidden), LinearHead(s.embed, s.classes)
+    m, k = mae(s), PatchMLPMasker(s.patches, s.embed, s.masker_hidden)
+    h = LinearHead(s.embed, s.classes, norm=s.head_norm)
     for mod, key in ((m, "mae"), (k, "masker"), (h, "head")):
         mod.load_state_dict(copy.deepcopy(state[key]))
         mod.to(dtype)

@@ -1,8 +1,9 @@
 """Question 2: the cost of one outer step of the 3-level MLO-MAE graph per hypergradient method,
 in plain random-mask pretraining steps, broken down by phase.
 
-The graph is the project's (configs/graphs/mlomae.yaml): masker over the MAE's patch embeddings
-with its input detached, head on mean-pooled features, steps 2 / 1 / 1; question 3b uses the
+The graph is the project's (experiments/fashion_mnist.yaml): masker over the MAE's patch
+embeddings with its input detached, head (BatchNorm, linear) on mean-pooled features, steps
+2 / 1 / 1; question 3b uses the
 official wiring instead (input not detached, class token) because Betty runs that one.
 One outer step (cycle) = 2 pretraining steps + 1 fine-tune step + 1 mask step. Phases:
   lower steps     the pretraining and fine-tune steps (differentiable ones for unroll)
@@ -89,8 +90,9 @@ def main() -> None:
     args = p.parse_args()
     repeats = common.setup(args)
     methods = args.methods.split(",")
-    # the project's wiring (configs/graphs/mlomae.yaml): masker input detached, mean-pooled head
-    sizes = G.with_sizes(detach_masker_input=True, pool="mean")
+    # the project's wiring (experiments/fashion_mnist.yaml): masker input detached, head with
+    # BatchNorm on mean-pooled features
+    sizes = G.with_sizes(detach_masker_input=True, pool="mean", head_norm=True)
     state, batches = G.initial_state(sizes), G.data(sizes)
     print(f"mae_methods: MAE embed {sizes.embed} depth {sizes.depth}, batch {sizes.batch}, "
           f"steps {sizes.pretrain_steps}/{sizes.finetune_steps}/1; threads {args.threads}, "
