@@ -59,10 +59,10 @@ class DataBundle:
     section: dict[str, Any]
     rank: int = 0
     world: int = 1
+    sources: dict[str, str] = field(default_factory=dict)  # role -> base split
 
     def source(self, role: str) -> str:
-        from .data import parse_split
-        return parse_split(self.specs[role]).source
+        return self.sources[role]
 
     def transform(self, augment: bool):
         from .data import eval_transform, pretrain_transform
@@ -95,21 +95,19 @@ def build_data(cfg: Config, rank: int = 0, world: int = 1) -> DataBundle | None:
         if k not in DATA_KEYS:
             raise cfg.error("unknown key" + _did_you_mean(k, DATA_KEYS), key=f"data.{k}",
                             hint="known keys: " + ", ".join(sorted(DATA_KEYS)))
-    from .data import build_dataset, parse_split, resolve_splits
+    from .data import load_data
     splits = section.get("splits") or {"train": "train"}
     try:
-        bases = {parse_split(s, key=f"data.splits.{r}").source for r, s in splits.items()}
-        datasets = {b: build_dataset(section["dataset"], section.get("root"), split=b,
-                                     download=bool(section.get("download", False)),
-                                     **(section.get("options") or {})) for b in sorted(bases)}
-        disjoint = section.get("disjoint", ["finetune", "mask"])
-        indices = resolve_splits(splits, datasets, cfg["seed"], disjoint=disjoint)
+        bundle = load_data(section["dataset"], splits, cfg["seed"], root=section.get("root"),
+                           download=bool(section.get("download", False)),
+                           disjoint=section.get("disjoint", ["finetune", "mask"]),
+                           **(section.get("options") or {}))
     except ConfigError as e:
         raise e.located(file=cfg.file) from None
     except DataError as e:
         raise DataError(f"{cfg.file}: {e}") from None
-    meta = next(iter(datasets.values())).meta
-    return DataBundle(cfg, meta, datasets, indices, dict(splits), dict(section), rank, world)
+    return DataBundle(cfg, bundle.meta, bundle.datasets, bundle.indices, dict(splits),
+                      dict(section), rank, world, dict(bundle.sources))
 
 
 # -- building -------------------------------------------------------------------------------
