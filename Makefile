@@ -47,7 +47,7 @@ BENCH_VENV = benchmarks/.venv-bench
 BENCH_PY   = $(BENCH_VENV)/bin/python
 BENCH      = cd benchmarks && ../$(BENCH_PY) -W ignore
 
-$(BENCH_VENV)/.installed: $(VENV)/.installed
+$(BENCH_VENV)/.installed: $(VENV)/.installed Makefile
 	test -x $(BENCH_PY) || $(PY) -m venv $(BENCH_VENV)
 	base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	dest=$$($(BENCH_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
@@ -55,7 +55,8 @@ $(BENCH_VENV)/.installed: $(VENV)/.installed
 	$(BENCH_PY) -m pip install -q --ignore-installed --no-deps higher==0.2.1 torchopt==0.7.3
 	# Betty 0.2.1 declares Python < 3.11; its own imports are torch and numpy
 	$(BENCH_PY) -m pip install -q --ignore-installed --no-deps --ignore-requires-python betty-ml==0.2.1
-	$(BENCH_PY) -m pip install -q 'optree>=0.4.1' 'typing-extensions>=4'
+	# their own dependencies (TorchOpt's; Betty and higher need only torch and numpy)
+	$(BENCH_PY) -m pip install -q 'optree>=0.4.1' 'typing-extensions>=4' graphviz
 	touch $@
 
 # every question in full, then plots and headlines (about 20 minutes on 2 cores)

@@ -54,6 +54,9 @@ def main() -> None:
     if r:
         for m, v in r["methods"].items():
             x = v["ratio_vs_fastest_right_peer"]
+            if x is None:
+                lines.append((f"3a {m}: no peer agreed to 1e-4", "", "<= 1.0", "n/a"))
+                continue
             lines.append((f"3a {m}: mlomae / fastest agreeing peer ({v['fastest_right_peer']})",
                           f"{x:.2f}x", "<= 1.0", verdict(x <= 1.0)))
         cf = r["cg_closed_form_rel_err"]

@@ -278,6 +278,10 @@ def betty_cg_closed_form() -> dict:
     """Weighted least squares at its exact minimiser θ* (float64, d=5): CG with K=d iterations
     is exact, so each library's answer is compared with the implicit-function-theorem value."""
     from types import SimpleNamespace
+
+    import torchopt
+    from betty.hypergradient.cg import cg as betty_cg
+    from torch.func import grad
     sys.path.insert(0, str(common.ROOT.parent / "tests"))
     from bilevel import regression, wls_ift, wls_inner
     from mlomae.hypergrad import METHODS as HG, LowerLevel
@@ -289,37 +293,27 @@ def betty_cg_closed_form() -> dict:
     exact, theta_star = wls_ift(s.detach(), X, y, Xv, yv)
     theta = theta_star.clone().requires_grad_(True)
     v = torch.autograd.grad(((Xv @ theta - yv) ** 2).mean() / 2, theta)[0]
-    out = {}
+
     (ours,) = HG["cg"]([v], LowerLevel([theta], lambda: wls_inner(theta, s, X, y)), [s], iters=d)
-    out["mlomae"] = common.rel(ours, exact)
-    try:
-        from betty.hypergradient.cg import cg as betty_cg
-        curr = SimpleNamespace(config=SimpleNamespace(cg_iterations=d, cg_alpha=1.0), paths=[],
-                               cur_batch=None, training_step_exec=lambda b: wls_inner(theta, s, X, y),
-                               trainable_parameters=lambda: [theta], parameters=lambda: [theta])
-        prev = SimpleNamespace(trainable_parameters=lambda: [s])
-        (theirs,) = betty_cg([v], curr, prev, sync=False)
-        out["betty"] = common.rel(theirs, exact)
-    except ImportError:
-        out["betty"] = None
-    try:
-        import torchopt
-        from torch.func import grad
 
-        def stationary(th, s_):
-            return grad(wls_inner)(th, s_, X, y)
+    curr = SimpleNamespace(config=SimpleNamespace(cg_iterations=d, cg_alpha=1.0), paths=[],
+                           cur_batch=None, training_step_exec=lambda b: wls_inner(theta, s, X, y),
+                           trainable_parameters=lambda: [theta], parameters=lambda: [theta])
+    prev = SimpleNamespace(trainable_parameters=lambda: [s])
+    (theirs,) = betty_cg([v], curr, prev, sync=False)
 
-        @torchopt.diff.implicit.custom_root(stationary, argnums=1,
-                                            solve=torchopt.linear_solve.solve_cg(maxiter=d, rtol=0.0))
-        def solve(th, s_):
-            return theta_star.clone()
+    def stationary(th, s_):
+        return grad(wls_inner)(th, s_, X, y)
 
-        th = solve(theta_star.clone(), s)
-        (to,) = torch.autograd.grad(((Xv @ th - yv) ** 2).mean() / 2, s)
-        out["torchopt"] = common.rel(to, exact)
-    except ImportError:
-        out["torchopt"] = None
-    return out
+    @torchopt.diff.implicit.custom_root(stationary, argnums=1,
+                                        solve=torchopt.linear_solve.solve_cg(maxiter=d, rtol=0.0))
+    def solve(th, s_):
+        return theta_star.clone()
+
+    th = solve(theta_star.clone(), s)
+    (to,) = torch.autograd.grad(((Xv @ th - yv) ** 2).mean() / 2, s)
+    return {"mlomae": common.rel(ours, exact), "betty": common.rel(theirs, exact),
+            "torchopt": common.rel(to, exact)}
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -339,8 +333,9 @@ def main() -> None:
         for name, cls in CONTENDERS[method].items():
             try:
                 available[name] = cls(method, train, val, copy.deepcopy(state), s0)
-            except ImportError as e:
-                print(f"  {method}/{name}: skipped ({e})")
+            except ImportError as e:  # a missing peer must not quietly change the comparison
+                raise SystemExit(f"peer '{name}' cannot be imported ({e}): run `make bench` or "
+                                 "`make bench-quick`, which install benchmarks/.venv-bench") from e
         for c in available.values():  # one outer step each from the same state
             c.step()
         ref = available["mlomae"].box["grads"]
