@@ -192,7 +192,8 @@ class BettyGraph:
         from betty.configs import Config, EngineConfig
         from betty.engine import Engine as BEngine
         from betty.problems import ImplicitProblem
-        logging.getLogger("betty").setLevel(logging.WARNING)
+        from betty.logging.logger_base import get_logger
+        get_logger().setLevel(logging.WARNING)  # betty sets INFO on its first use
         m, k, h = modules(s, state)
         set_fused_attention(m, True)   # DARTS needs no second derivative
 

@@ -209,7 +209,8 @@ class Betty:
         from betty.configs import Config, EngineConfig
         from betty.engine import Engine as BEngine
         from betty.problems import HigherIterativeProblem, ImplicitProblem
-        logging.getLogger("betty").setLevel(logging.WARNING)
+        from betty.logging.logger_base import get_logger
+        get_logger().setLevel(logging.WARNING)  # betty sets INFO on its first use
         net, w = mlp(), Logits(s0)
         net.load_state_dict(state)
         iterative = method == "unroll"
