@@ -1,13 +1,13 @@
 """The MLO-MAE graph at Fashion-MNIST size, built three ways for the benchmarks that share it:
 
-- ``plain_step``: one random-mask MAE pretraining step in a hand-written PyTorch loop: the unit
+- ``PlainStep``: one random-mask MAE pretraining step in a hand-written PyTorch loop: the unit
   every cost on this graph is counted in (DESIGN.md: cycle time / pretraining steps per cycle).
 - ``build_mlomae``: the three levels through mlomae's engine, with the project's problems
   (``problems.pretrain.Reconstruction``, ``problems.finetune.Classification``,
   ``problems.mask.MaskLearning``) and the official wiring: steps 2 / 1 / 1, masker = MLP over the
   MAE's own patch embeddings (not detached), loss weighted by the mask probabilities, head on the
   class token, AdamW (β = 0.9, 0.95) everywhere.
-- ``build_betty``: the same three levels as the official MLO-MAE code writes them for Betty 0.2.1
+- ``BettyGraph``: the same three levels as the official MLO-MAE code writes them for Betty 0.2.1
   (u2l {mask: [pretrain]}, l2u {pretrain: [finetune, mask], finetune: [mask]}, DARTS,
   retain_graph=True, unroll steps 2/1/1), over the same modules, data and optimizers.
 
@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mlomae.engine import Dependency, Engine
 from mlomae.models.attention import set_fused_attention
@@ -243,13 +242,5 @@ class BettyGraph:
             self.engine.train_step()
 
 
-def mlomae_step(engine: Engine):
-    return engine.step
-
-
 def with_sizes(**kw: Any) -> Sizes:
     return replace(Sizes(), **kw)
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
