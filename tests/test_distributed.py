@@ -22,7 +22,7 @@ def final_params(rd: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["cg", "unroll"])
+@pytest.mark.parametrize("method", ["cg", "unroll", "darts"])
 def test_two_processes_equal_one_with_double_batch(tmp_path, method):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     common = ["--no-tracking", "trainer.steps=12", "trainer.checkpoint_every=12",

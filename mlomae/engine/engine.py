@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -366,7 +367,9 @@ class Engine:
             torch._foreach_copy_(real, new)
         diffopt.write_back(p.optimizer, real, states)
         if p.scheduler is not None:
-            p.scheduler.step()
+            with warnings.catch_warnings():  # the update was ours, not optimizer.step()'s
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                p.scheduler.step()
         p.step_count += 1
         return rec
 
