@@ -78,3 +78,8 @@ bench-quick: $(BENCH_VENV)/.installed
 	$(BENCH) memory.py --quick
 	$(BENCH) precision.py --quick
 	$(BENCH) headlines.py --quick
+
+# the learned-masking study: every method x 3 seeds, resumable (hours on 2 cores; see
+# benchmarks/study/study.yaml), then the table for benchmarks/RESULTS.md
+study: install data
+	$(PY) benchmarks/study/run_study.py
