@@ -34,7 +34,7 @@ from mlomae.models.masking import (Masking, foreground_boxes, gumbel_topk_maskin
                                    random_masking)
 
 MODES = ("random", "object_prior", "mlo", "gumbel")
-SECOND_ORDER = ("unroll", "neumann", "cg")
+SECOND_ORDER = ("unroll", "neumann", "cg", "darts_exact")
 
 
 # -- attention kernel ---------------------------------------------------------------------------
@@ -45,10 +45,15 @@ def methods_in_use(config: Any) -> set[str]:
         return set()
     top = config.get("hypergrad") or {}
     methods = {top.get("method", "darts")}
+    # darts with exact: true differentiates twice as well ("darts_exact")
+    if (top.get("darts") or {}).get("exact") or (top.get("method", "darts") == "darts" and top.get("exact")):
+        methods.add("darts_exact")
     for dep in config.get("dependencies") or []:
         hg = dep.get("hypergrad") or {}
         if hg.get("method"):
             methods.add(hg["method"])
+        if hg.get("exact") or (hg.get("darts") or {}).get("exact"):
+            methods.add("darts_exact")
     return methods
 
 

@@ -158,3 +158,14 @@ def test_classification_evaluate_counts_by_hand():
     assert head.training
     with pytest.raises(ValueError, match="reads the encoder"):
         Classification("finetune", head, reads=[])
+
+
+def test_exact_darts_counts_as_second_order_for_the_attention_switch():
+    """darts with exact: true takes a double backward, so `fused_attention: auto` must unfuse."""
+    from problems.pretrain import SECOND_ORDER, methods_in_use
+    assert not methods_in_use({"hypergrad": {"method": "darts"}}) & set(SECOND_ORDER)
+    for cfg in ({"hypergrad": {"method": "darts", "exact": True}},
+                {"hypergrad": {"method": "darts", "darts": {"exact": True}}},
+                {"hypergrad": {"method": "darts"},
+                 "dependencies": [{"upper": "a", "lower": "b", "hypergrad": {"method": "darts", "exact": True}}]}):
+        assert "darts_exact" in methods_in_use(cfg)
