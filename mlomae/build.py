@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import (Config, _did_you_mean, check_kwargs, flatten, hypergrad_options,
-                     instantiate, locate)
+from .components import check_kwargs, instantiate, locate
+from .config import Config, flatten
+from .schema import hypergrad_options
 from .engine import Dependency, Engine, Problem
 from .engine.graph import Graph
-from .errors import ConfigError, DataError, MlomaeError
+from .errors import ConfigError, DataError, MlomaeError, did_you_mean
 from .optim import build_optimizer, build_scheduler
 
 DATA_KEYS = {"dataset", "root", "download", "options", "batch_size", "num_workers", "splits",
@@ -93,7 +94,7 @@ def build_data(cfg: Config, rank: int = 0, world: int = 1) -> DataBundle | None:
         return None
     for k in section:
         if k not in DATA_KEYS:
-            raise cfg.error("unknown key" + _did_you_mean(k, DATA_KEYS), key=f"data.{k}",
+            raise cfg.error("unknown key" + did_you_mean(k, DATA_KEYS), key=f"data.{k}",
                             hint="known keys: " + ", ".join(sorted(DATA_KEYS)))
     from .data import load_data
     splits = section.get("splits") or {"train": "train"}

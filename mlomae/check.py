@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import Config
-from .hypergrad import METHODS, OPTIONS
+from .hypergrad import METHODS
 
 
 class PeakMemory:

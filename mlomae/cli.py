@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .errors import ConfigError, MlomaeError
 
@@ -29,7 +29,6 @@ def _load(path: str, overrides: list[str]):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import Runner, Stopped
-    from .config import Config, apply_override, validate
     if args.resume:
         rd = Path(args.resume)
         cfg_file = rd / "config.yaml"

@@ -6,7 +6,14 @@ Every error raised for bad input derives from ``MlomaeError``; the CLI prints it
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from typing import Any, Iterable
+
+
+def did_you_mean(name: Any, options: Iterable[Any]) -> str:
+    """' (did you mean 'x'?)' for the closest option, or ''."""
+    close = difflib.get_close_matches(str(name), sorted(str(o) for o in options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class MlomaeError(Exception):

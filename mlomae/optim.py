@@ -8,7 +8,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .config import Config, check_kwargs, locate
+from .components import check_kwargs, locate
+from .config import Config
 from .errors import ConfigError
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}

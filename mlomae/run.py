@@ -16,8 +16,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from . import checkpoint
 from .build import Built, build, config_digest, versions
 from .callbacks import Metrics, Periodic, Progress

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..errors import GraphError
+from ..errors import GraphError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Graph:
             for r in rs:
                 if r not in known:
                     raise GraphError(f"problem '{n}' reads unknown problem '{r}'"
-                                     f"{_suggest(r, known)}")
+                                     f"{did_you_mean(r, known)}")
                 if r == n:
                     raise GraphError(f"problem '{n}' lists itself in reads")
         seen = set()
@@ -76,7 +76,7 @@ class Graph:
                 name = getattr(d, role)
                 if name not in known:
                     raise GraphError(f"dependency {d.upper} -> {d.lower}: {role} '{name}' is not a "
-                                     f"declared problem{_suggest(name, known)}")
+                                     f"declared problem{did_you_mean(name, known)}")
             if d.upper == d.lower:
                 raise GraphError(f"dependency {d.upper} -> {d.lower}: a problem cannot depend on itself")
             if (d.upper, d.lower) in seen:
@@ -85,11 +85,11 @@ class Graph:
             method = d.method or self.default_method
             if self.known_methods is not None and method not in self.known_methods:
                 raise GraphError(f"dependency {d.upper} -> {d.lower}: unknown hypergradient method "
-                                 f"'{method}'{_suggest(method, set(self.known_methods))}; known: "
+                                 f"'{method}'{did_you_mean(method, set(self.known_methods))}; known: "
                                  + ", ".join(self.known_methods))
         if self.known_methods is not None and self.default_method not in self.known_methods:
             raise GraphError(f"unknown hypergradient method '{self.default_method}'"
-                             f"{_suggest(self.default_method, set(self.known_methods))}; known: "
+                             f"{did_you_mean(self.default_method, set(self.known_methods))}; known: "
                              + ", ".join(self.known_methods))
         if len(self.names) > 1:
             linked = {d.upper for d in self.dependencies} | {d.lower for d in self.dependencies}
@@ -276,12 +276,6 @@ class Graph:
 def _fmt(opts: Mapping[str, Any]) -> str:
     shown = {k: v for k, v in opts.items() if v is not None}
     return (" " + ", ".join(f"{k}={v}" for k, v in shown.items())) if shown else ""
-
-
-def _suggest(name: str, known: set[str]) -> str:
-    import difflib
-    close = difflib.get_close_matches(str(name), sorted(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _find_cycle(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> list[str] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
-import torch
 from torch import Tensor, nn
 
 
@@ -31,16 +30,3 @@ def swap_params(module: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[No
     finally:
         for owner, leaf, original in reversed(saved):
             owner._parameters[leaf] = original
-
-
-def global_norm(tensors: list[Tensor | None]) -> Tensor:
-    sq = [t.detach().float().pow(2).sum() for t in tensors if t is not None]
-    if not sq:
-        return torch.zeros(())
-    return torch.stack(sq).sum().sqrt()
-
-
-def all_finite(tensors: list[Tensor | None]) -> bool:
-    """One reduction over every tensor (a single host sync)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Mapping
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 PIXELS = "pixels"  # the model name that means "flattened normalised pixels"
 
@@ -156,8 +156,7 @@ def check_spec(spec: Any, *, file: str | None = None, key: str = "evaluation[0]"
     schema = {**COMMON, **PROTOCOL_KEYS[name]}
     for k in spec:
         if k not in schema:
-            from ..config import _did_you_mean
-            raise ConfigError(f"not an option of protocol '{name}'" + _did_you_mean(k, schema),
+            raise ConfigError(f"not an option of protocol '{name}'" + did_you_mean(k, schema),
                               file=file, key=f"{key}.{k}", value=spec[k],
                               hint="options: " + ", ".join(k2 for k2 in schema if k2 != "protocol"))
     out = dict(spec)
