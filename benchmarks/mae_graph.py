@@ -148,7 +148,9 @@ def build_mlomae(method: str, s: Sizes, state: dict, batches: dict, *, options: 
                  autocast: torch.dtype | None = None, fused: bool | None = None,
                  head_edge: dict | None = None) -> Engine:
     """``head_edge``: options of the mask -> finetune dependency alone (e.g. ``{"exact": True}``
-    with darts: the push through the head by double backward instead of finite differences)."""
+    with darts: the push through the head by double backward instead of finite differences), and
+    its own method under the key ``method`` (e.g. ``{"method": "unroll"}``: the fine-tune step is
+    recorded and the push goes back through it; the encoder stays first order, so fused)."""
     from problems.finetune import Classification
     from problems.mask import MaskLearning
     from problems.pretrain import Reconstruction
@@ -164,9 +166,11 @@ def build_mlomae(method: str, s: Sizes, state: dict, batches: dict, *, options: 
     mk = MaskLearning("mask", k, optimizer=adamw(k.parameters(), LR["mask"]),
                       data=Cycle(batches["mask"]), reads=["pretrain", "finetune"],
                       losses={"downstream": 1.0}, fused_attention=fused)
+    head_edge = dict(head_edge or {})
+    head_method = head_edge.pop("method", method)
     deps = [Dependency("mask", "pretrain"), Dependency("finetune", "pretrain"),
-            Dependency("mask", "finetune", method=method if head_edge else None,
-                       options={**(options or {}), **head_edge} if head_edge else {})]
+            Dependency("mask", "finetune", method=head_method,
+                       options=head_edge if head_method != method else {**(options or {}), **head_edge})]
     return Engine([pre, ft, mk], deps, method=method, options=options or {},
                   autocast_dtype=autocast)
 

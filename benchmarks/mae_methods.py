@@ -38,6 +38,7 @@ from mlomae import hypergrad
 # name: (method, options, options of the mask -> finetune edge alone)
 METHODS = {"darts": ("darts", {"alpha": 0.01}, None),
            "darts_exact_head": ("darts", {"alpha": 0.01}, {"exact": True}),
+           "darts_unroll_head": ("darts", {"alpha": 0.01}, {"method": "unroll"}),
            "first_order": ("first_order", {}, None), "neumann": ("neumann", {"iters": 5}, None),
            "cg": ("cg", {"iters": 5}, None), "unroll": ("unroll", {}, None)}
 
@@ -104,9 +105,12 @@ def main() -> None:
                  "vs_darts": common.rel(g, hg["darts"]) if "darts" in hg else None,
                  "cos_unroll": cosine(g, hg["unroll"]) if "unroll" in hg else None}
              for m, g in hg.items()}
+    def fmt(x, spec):
+        return "–" if x is None else format(x, spec)
+
     for m, a in agree.items():
-        print(f"  {m}: masker hypergradient rel. diff vs unroll {a['vs_unroll']:.2e}, "
-              f"vs darts {a['vs_darts']:.2e}, cosine vs unroll {a['cos_unroll']:.3f}")
+        print(f"  {m}: masker hypergradient rel. diff vs unroll {fmt(a['vs_unroll'], '.2e')}, "
+              f"vs darts {fmt(a['vs_darts'], '.2e')}, cosine vs unroll {fmt(a['cos_unroll'], '.3f')}")
 
     engines = {m: build(m, sizes, state, batches) for m in methods}
     plain = G.PlainStep(sizes, state, batches["pretrain"])

@@ -223,9 +223,8 @@ def dependencies(cfg: Config) -> list[Dependency]:
         hg = d["hypergrad"] or {}
         method = hg.get("method")
         opts = {k: v for k, v in hg.items() if k != "method" and not isinstance(v, dict)}
-        if method is not None and isinstance(hg.get(method), dict):
-            opts = {**hg[method], **opts}
-        out.append(Dependency(d["upper"], d["lower"], method, opts))
+        per = {k: dict(v) for k, v in hg.items() if k != "method" and isinstance(v, dict)}
+        out.append(Dependency(d["upper"], d["lower"], method, opts, per))
     return out
 
 

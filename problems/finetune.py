@@ -28,6 +28,11 @@ class Classification(Problem):
     ``label_smoothing`` (0).
     """
 
+    # the head sits on top of the encoder's features: second derivatives in the head's
+    # parameters, and their mixed derivatives in the encoder's, differentiate the encoder once,
+    # so its attention may stay fused whatever method pushes through this problem
+    first_order_reads = True
+
     def __init__(self, *args, encoder: str = "pretrain", pool: str = "mean",
                  label_smoothing: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)

@@ -65,7 +65,8 @@ class MaskLearning(Problem):
             if name not in self.reads:
                 raise ValueError(f"problem '{self.name}' reads '{name}' ({why}): add it to "
                                  f"problems.{self.name}.reads")
-        self.fused_attention = configure_attention(self.module, fused_attention, context)
+        self.fused_attention = configure_attention(self.module, fused_attention, context,
+                                                   owner=self.name)
 
     def generate(self, imgs: Tensor) -> Masking:
         """This masker's masks for ``imgs``, made as the pretraining problem makes them."""

@@ -57,22 +57,66 @@ def methods_in_use(config: Any) -> set[str]:
     return methods
 
 
-def configure_attention(module: nn.Module, setting: Any, context: Mapping[str, Any] | None) -> bool:
+def _edge_is_second_order(top: Mapping[str, Any], hg: Mapping[str, Any]) -> bool:
+    """Whether a dependency's push differentiates its lower loss twice."""
+    method = hg.get("method") or top.get("method", "darts")
+    if method in ("unroll", "neumann", "cg"):
+        return True
+    if method != "darts":
+        return False
+    return bool(hg.get("exact") or (hg.get("darts") or {}).get("exact")
+                or (top.get("darts") or {}).get("exact")
+                or (top.get("method", "darts") == "darts" and top.get("exact")))
+
+
+def second_order_through(config: Any, owner: str) -> bool:
+    """Whether some push differentiates twice through the module of problem ``owner``: a
+    second-order dependency whose lower problem is ``owner``, or whose lower problem reads
+    ``owner`` and may take second derivatives through what it reads. A problem class that only
+    puts its own parameters on top of what it reads (a head on an encoder: ``first_order_reads =
+    True``) differentiates the read modules once, whatever the method."""
+    from mlomae.components import locate
+    top = config.get("hypergrad") or {}
+    specs = config.get("problems") or {}
+    for dep in config.get("dependencies") or []:
+        if not _edge_is_second_order(top, dep.get("hypergrad") or {}):
+            continue
+        lower = dep.get("lower")
+        if lower == owner:
+            return True
+        spec = specs.get(lower) or {}
+        if owner in (spec.get("reads") or []):
+            target = spec.get("target")
+            cls = locate(target) if isinstance(target, str) else None
+            if not getattr(cls, "first_order_reads", False):
+                return True
+    return False
+
+
+def configure_attention(module: nn.Module, setting: Any, context: Mapping[str, Any] | None,
+                        owner: str | None = None) -> bool:
     """Switch timm's fused attention in ``module``; returns whether it stays fused.
 
-    ``setting``: ``true`` / ``false``, or ``auto``: fused unless the experiment uses a second-order
-    method (unroll, neumann, cg) anywhere, since the CPU kernel of fused attention has no double
-    backward. Measured on this machine's 2 CPU cores (Fashion-MNIST MAE: embed 128, depth 4,
-    batch 128; medians of 20 interleaved runs): a masked pretraining step 104 ms fused vs 108 ms
-    plain, an unmasked 50-token forward + backward (the head's features) 201 vs 217 ms. Plain
-    attention costs 4-8% here, and more on a GPU at 197 tokens, so it is used only when needed.
-    Without a context (a problem built by hand) ``auto`` means not fused, the safe side.
+    ``setting``: ``true`` / ``false``, or ``auto``: fused unless a second-order push (unroll,
+    neumann, cg, darts with ``exact``) differentiates twice through the module of problem
+    ``owner`` (:func:`second_order_through`; without ``owner``, unless the experiment uses such a
+    method anywhere), since the CPU kernel of fused attention has no double backward. Measured on
+    this machine's 2 CPU cores (Fashion-MNIST MAE: embed 128, depth 4, batch 128; medians of 20
+    interleaved runs): a masked pretraining step 104 ms fused vs 108 ms plain, an unmasked
+    50-token forward + backward (the head's features) 201 vs 217 ms. Plain attention costs 4-8%
+    here, and more on a GPU at 197 tokens, so it is used only when needed. Without a context (a
+    problem built by hand) ``auto`` means not fused, the safe side.
     """
     if setting in (True, False):
         fused = bool(setting)
     elif setting == "auto":
         config = None if context is None else context.get("config")
-        fused = config is not None and not (methods_in_use(config) & set(SECOND_ORDER))
+        if config is None:
+            fused = False
+        elif owner is None:
+            fused = not (methods_in_use(config) & set(SECOND_ORDER))
+        else:
+            fused = not second_order_through(config, owner)
     else:
         raise ValueError(f"fused_attention must be true, false or auto (got {setting!r})")
     set_fused_attention(module, fused)
@@ -207,7 +251,8 @@ class Reconstruction(Problem):
         if self.spec.learned and masker not in self.reads:
             raise ValueError(f"masking '{masking}' reads the masker of problem '{masker}': add "
                              f"it to problems.{self.name}.reads")
-        self.fused_attention = configure_attention(self.module, fused_attention, context)
+        self.fused_attention = configure_attention(self.module, fused_attention, context,
+                                                   owner=self.name)
 
     # -- what the pictures code calls -------------------------------------------------------
     def masking_for(self, imgs: Tensor, boxes: Tensor | None = None) -> Masking:

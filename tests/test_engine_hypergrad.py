@@ -225,3 +225,64 @@ def test_darts_chain_matches_formula_composition():
     pre = LowerLevel([e], lambda: wls_inner(e, t, Xp, yp))
     (to_t,) = METHODS["darts"]([ve + to_e], pre, [t], alpha=0.01)
     assert rel(hyper[0], to_t) < 1e-10
+
+
+# -- exact DARTS on the recorded step ---------------------------------------------------------
+
+def test_recorded_exact_darts_equals_one_step_unroll():
+    """One plain SGD step θ1 = θ0 - lr ∇θ f(θ0, λ): the exact unroll is -lr (∂²f/∂λ∂θ)(θ0) v,
+    which is exact DARTS with scale = lr taken at the step's start, the point the recorded step
+    keeps (f's mixed derivative depends on θ here, so the point matters)."""
+    lr = 0.1
+    got_eng, _ = ridge_engine("darts", 1, opt="plain_sgd", lr=lr,
+                              options={"exact": True, "scale": lr})
+    ref_eng, _ = ridge_engine("unroll", 1, opt="plain_sgd", lr=lr)
+    assert got_eng.recorded == {"lower"} and ref_eng.recorded == set()
+    for eng in (got_eng, ref_eng):
+        eng.prefix("hyper")
+    _, d_got, h_got = got_eng.gradient("hyper")
+    _, d_ref, h_ref = ref_eng.gradient("hyper")
+    assert torch.equal(d_got[0], d_ref[0])   # the validation loss does not read λ: zeros
+    assert h_ref[0].norm() > 0 and rel(h_got[0], h_ref[0]) < 1e-12
+
+
+def test_recorded_exact_darts_evaluates_no_lower_loss_of_its_own():
+    """Count the lower loss's evaluations in one outer step (K = 3 steps): finite differences
+    take two more, exact DARTS on the recorded step none; the steps themselves are the same
+    (parameters after the outer step equal those of the plain darts engine exactly)."""
+    counts = {}
+    engines = {}
+    for name, opts in (("fd", {}), ("exact", {"exact": True})):
+        eng, _ = ridge_engine("darts", 3, opt="sgd", options=opts)
+        lower = eng.problems["lower"]
+        counts[name] = 0
+        original = lower.loss
+
+        def counted(batch, original=original, name=name):
+            counts[name] += 1
+            return original(batch)
+
+        lower.loss = counted
+        eng.step()
+        engines[name] = eng
+    assert counts == {"fd": 3 + 2, "exact": 3}
+    fd, ex = (engines[n].problems["lower"].module.value for n in ("fd", "exact"))
+    assert torch.equal(fd, ex)
+
+
+def test_edge_option_block_follows_the_edge_whatever_its_method():
+    """`{upper: mask, lower: finetune, hypergrad: {darts: {exact: true}}}`: exact on that edge
+    while the method is darts; a sweep that swaps the default method drops it there."""
+    from mlomae.engine.graph import Graph
+    reads = {"pretrain": ["mask"], "finetune": ["pretrain"], "mask": ["pretrain", "finetune"]}
+    deps = [Dependency("mask", "pretrain"), Dependency("finetune", "pretrain"),
+            Dependency("mask", "finetune", method_options={"darts": {"exact": True}})]
+    steps = {"pretrain": 2, "finetune": 1, "mask": 1}
+    g = Graph(steps, reads, deps, default_method="darts", default_options={"alpha": 0.02})
+    assert g.plans["mask"].methods == {"finetune": ("darts", {"alpha": 0.02, "exact": True}),
+                                       "pretrain": ("darts", {"alpha": 0.02})}
+    assert g.recorded() == {"finetune"}
+    g = Graph(steps, reads, deps, default_method="cg", default_options={"iters": 3})
+    assert g.plans["mask"].methods == {"finetune": ("cg", {"iters": 3}),
+                                       "pretrain": ("cg", {"iters": 3})}
+    assert g.recorded() == set()

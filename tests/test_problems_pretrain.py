@@ -169,3 +169,32 @@ def test_exact_darts_counts_as_second_order_for_the_attention_switch():
                 {"hypergrad": {"method": "darts"},
                  "dependencies": [{"upper": "a", "lower": "b", "hypergrad": {"method": "darts", "exact": True}}]}):
         assert "darts_exact" in methods_in_use(cfg)
+
+
+def test_attention_stays_fused_unless_a_push_differentiates_twice_through_the_module():
+    """Per owner: the MAE (owned by pretrain) unfuses only for a second-order push whose lower
+    is pretrain, or whose lower reads pretrain and is not a head on top of it."""
+    from problems.pretrain import second_order_through
+    problems = {"pretrain": {"target": "problems.pretrain.Reconstruction", "reads": ["mask"]},
+                "finetune": {"target": "problems.finetune.Classification", "reads": ["pretrain"]},
+                "mask": {"target": "problems.mask.MaskLearning", "reads": ["pretrain", "finetune"]},
+                "critic": {"target": "problems.mask.MaskLearning", "reads": ["pretrain"]}}
+
+    def cfg(top, head_edge=None, pre_edge=None, extra=()):
+        return {"hypergrad": top, "problems": problems,
+                "dependencies": [{"upper": "mask", "lower": "pretrain", "hypergrad": pre_edge},
+                                 {"upper": "finetune", "lower": "pretrain", "hypergrad": None},
+                                 {"upper": "mask", "lower": "finetune", "hypergrad": head_edge},
+                                 *extra]}
+
+    darts = {"method": "darts"}
+    assert not second_order_through(cfg(darts), "pretrain")
+    for head in ({"darts": {"exact": True}}, {"method": "unroll"}, {"method": "cg", "iters": 2}):
+        assert not second_order_through(cfg(darts, head_edge=head), "pretrain"), head
+    assert second_order_through(cfg(darts, pre_edge={"darts": {"exact": True}}), "pretrain")
+    assert second_order_through(cfg({"method": "neumann"}), "pretrain")
+    assert second_order_through(cfg({"method": "darts", "exact": True}), "pretrain")
+    assert not second_order_through(cfg({"method": "darts", "exact": True}), "critic")
+    # a lower that reads pretrain without declaring first_order_reads: the safe side
+    critic_edge = ({"upper": "mask", "lower": "critic", "hypergrad": {"method": "unroll"}},)
+    assert second_order_through(cfg(darts, extra=critic_edge), "pretrain")

@@ -69,6 +69,15 @@ class Callback:
 
 
 @dataclass
+class _Record:
+    """The last step of a lower problem pushed through by exact DARTS: its local gradient
+    (graph kept) and the copies of the parameters of the problems it read."""
+
+    grads: list[Tensor]
+    reads: dict[str, list[Tensor]]
+
+
+@dataclass
 class _Window:
     """A lower problem's differentiable steps since its last consumption."""
 
@@ -103,6 +112,9 @@ class Engine:
         self.reducer = reducer or Reducer()
         self.schedule = self.graph.cycle()
         self.unrolled = self.graph.unrolled()
+        # lower problems pushed through by exact DARTS: their steps keep the gradient's graph
+        # (problems that are themselves uppers with a hypergradient step the usual way)
+        self.recorded = {n for n in self.graph.recorded() if n not in self.graph.plans}
         for name in self.unrolled:
             opt = self.problems[name].optimizer
             if opt is None or not diffopt.supported(opt):
@@ -110,6 +122,7 @@ class Engine:
                                  f"optimizer (got {type(opt).__name__ if opt else 'none'})")
         self.outer_step = 0
         self._windows: dict[str, _Window] = {}
+        self._records: dict[str, _Record] = {}
         self._param_cache: dict[str, list[Tensor]] = {}
         self._named_cache: dict[str, list[tuple[str, Tensor]]] = {}
         self._cuda = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -132,6 +145,7 @@ class Engine:
 
     def _forget(self) -> None:
         self._windows.clear()  # no graph outlives its outer step
+        self._records.clear()
         self._param_cache.clear()
         self._named_cache.clear()
 
@@ -183,6 +197,8 @@ class Engine:
         state = rng.capture(self._cuda)
         if p.name in self.unrolled:
             rec = self._unrolled_step(p, batch)
+        elif p.name in self.recorded:
+            rec = self._recorded_step(p, batch)
         else:
             rec = self._plain_step(p, batch)
         p.last_batch, p.last_rng = batch, state
@@ -301,6 +317,10 @@ class Engine:
             lower = self._lower_view(q)
             if method == "unroll":
                 lower.trace = self._trace(q, reached)
+            elif name in self._records:  # exact darts on the graph its last step kept
+                record = self._records.pop(name)
+                lower.step_grads = record.grads
+                inputs = [t for r in reached for t in record.reads.get(r.name, self._params(r))]
             contrib = METHODS[method](v, lower, inputs, **opts)
             i = 0
             for r in reached:
@@ -314,6 +334,36 @@ class Engine:
                     part = _fill(part, self._params(r))
                     adj[r.name] = part if prev is None else [a + b for a, b in zip(prev, part)]
         return hyper
+
+    # -- recorded steps (exact DARTS) -------------------------------------------------------
+    def _swap_in(self, stack: ExitStack, p: Problem, own: list[Tensor]) -> dict[str, list[Tensor]]:
+        """Swap ``own`` into ``p``'s module and fresh leaf copies into every module ``p`` reads
+        (returned per read problem), so that in-place updates of the real parameters later in
+        the outer step cannot invalidate a graph built now."""
+        stack.enter_context(swap_params(p.module, {n: t for (n, _), t in zip(self._named(p), own)}))
+        reads = {}
+        for r in p.reads:
+            qnamed = self._named(self.problems[r])
+            reads[r] = [x.detach().clone().requires_grad_(True) for _, x in qnamed]
+            stack.enter_context(swap_params(self.problems[r].module,
+                                            {n: t for (n, _), t in zip(qnamed, reads[r])}))
+        return reads
+
+    def _recorded_step(self, p: Problem, batch: Any) -> StepRecord:
+        """A plain step of ``p`` whose gradient keeps its graph, taken at copies of the
+        parameters the step starts from: exact DARTS then needs no forward pass of its own
+        (the mixed term -∇_x(∇_θ f · v) at the step's start, DARTS's own point)."""
+        real = self._params(p)
+        start = [x.detach().clone().requires_grad_(True) for x in real]
+        with ExitStack() as stack:
+            reads = self._swap_in(stack, p, start)
+            loss, logs = self._eval(p, batch)
+            grads = torch.autograd.grad(loss, start, create_graph=True, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, start)]
+        self._records[p.name] = _Record(grads=grads, reads=reads)
+        rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
+        self._apply(p, real, self.reducer.mean([g.detach() for g in grads]), loss, rec)
+        return rec
 
     # -- unrolled (differentiable) steps ----------------------------------------------------
     def _trace(self, q: Problem, reached: list[Problem]) -> UnrollTrace:

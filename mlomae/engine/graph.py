@@ -21,6 +21,9 @@ class Dependency:
     lower: str
     method: str | None = None  # None: the graph's default
     options: Mapping[str, Any] = field(default_factory=dict)
+    # options for whichever method the edge ends up with, e.g. {"darts": {"exact": True}}:
+    # they stay in force when a sweep swaps the default method, and apply only to that method
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,11 +137,12 @@ class Graph:
         direct = [d for d in self.dependencies if d.upper == upper and d.lower == lower]
         inner = [d for d in self.dependencies if d.lower == lower and d.upper in scope]
         for d in direct + inner:
-            if d.method is not None or d.options:
+            if d.method is not None or d.options or d.method_options:
                 method = d.method or self.default_method
                 opts = dict(self.method_options.get(method, {}))
                 if method == self.default_method:
                     opts.update(self.default_options)
+                opts.update(d.method_options.get(method, {}))
                 opts.update(d.options)
                 return method, opts
         opts = dict(self.method_options.get(self.default_method, {}))
@@ -186,6 +190,12 @@ class Graph:
         """Problems whose steps must be recorded differentiably."""
         return {p for plan in self.plans.values() for p, (m, _) in plan.methods.items()
                 if m == "unroll"}
+
+    def recorded(self) -> set[str]:
+        """Problems pushed through by exact DARTS, which reads the gradient graph of the
+        problem's last step (taken at the parameters that step started from)."""
+        return {p for plan in self.plans.values() for p, (m, o) in plan.methods.items()
+                if m == "darts" and o.get("exact")} - self.unrolled()
 
     def paths(self, upper: str) -> list[list[str]]:
         """Every path an adjoint takes from ``upper`` back to it, as problem names."""

@@ -46,6 +46,10 @@ class LowerLevel:
     ``reduce`` averages a list of derivatives of ``loss`` over data-parallel processes (the
     identity in one process); a method applies it to every such derivative it computes, so
     that its result is the one the whole batch would give.
+
+    ``step_grads``, when the engine recorded the lower's last step, is that step's ∇_θ f
+    (this process's batch, graph kept), at the parameters the step started from; the inputs
+    then are the copies the step read.
     """
 
     params: list[Tensor]
@@ -53,6 +57,7 @@ class LowerLevel:
     lr: float = 1.0
     trace: UnrollTrace | None = None
     reduce: Callable[[list], list] = field(default=lambda ts: ts)
+    step_grads: list[Tensor] | None = None  # ∇_θ f of the last step, graph kept, if recorded
 
 
 class HypergradMethod(Protocol):

@@ -5,10 +5,13 @@
 Two first-order evaluations of f; no second derivative, so it also runs through fused attention.
 θ is restored bit for bit afterwards (copied back, not re-added).
 
-``exact=True`` computes the limit ε → 0 instead, −∇_x(∇_θ f · v), by one forward and a double
-backward through ∇_θ f. When θ is small next to what lies between x and the loss (a linear head
-on a deep encoder: MLO-MAE's fine-tune level) that is one pass through the encoder instead of two
-(benchmarks/README.md, question 3b); it needs second derivatives of f in θ, so not where θ sits
+``exact=True`` computes the limit ε → 0 instead, −∇_x(∇_θ f · v), by a double backward through
+∇_θ f. In the engine the lower's last step keeps that gradient's graph (``lower.step_grads``), so
+the mixed term is taken at the parameters the step started from, as in DARTS, and costs no
+forward pass of its own; called without it, one forward at the current θ. When θ is small next to
+what lies between x and the loss (a linear head on a deep encoder: MLO-MAE's fine-tune level)
+that is one backward through the encoder instead of two forwards and backwards
+(benchmarks/README.md, question 2); it needs second derivatives of f in θ, so not where θ sits
 under fused attention.
 """
 
@@ -28,7 +31,8 @@ def darts(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, a
     params = list(lower.params)
     vs = [t.detach() for t in v]
     if exact:
-        out = mixed_vjp(inner_grad(lower), inputs, vs, lower.reduce)
+        grads = lower.step_grads if lower.step_grads is not None else inner_grad(lower)
+        out = mixed_vjp(grads, inputs, vs, lower.reduce)
         return [None if o is None else o.mul_(scale) for o in out]
     eps = alpha / (float(norm(vs)) + 1e-12)
     saved = [p.detach().clone() for p in params]
