@@ -114,7 +114,8 @@ def mask_stats(masking: Masking) -> dict[str, Tensor]:
     freq = mask.mean(dim=0)                                        # [L] share masked per patch
     k = mask[0].sum() / mask.shape[1]                              # masked share per image
     stats = {"mask_agreement": ((freq - k).abs().mean() / (2 * k * (1 - k))).clamp(max=1.0)}
-    if masking.weights is not None:
-        w = masking.weights.detach()
+    probs = masking.probs if masking.probs is not None else masking.weights
+    if probs is not None:
+        w = probs.detach()
         stats["masked_prob"] = (w * mask).sum() / mask.sum()
     return stats

@@ -139,6 +139,7 @@ class MaskingSpec:
                                        # mlo: share of them a discriminator judges
     detach_masker_input: bool = True   # mlo/gumbel over MAE embeddings: cut the masker's input
     masker_input: str = "auto"         # embeddings | images | auto (images if it has patch_embed)
+    weighting: str = "probability"     # mlo: loss weights = probabilities | normalized (mean 1)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -151,6 +152,8 @@ class MaskingSpec:
             raise ValueError(f"tau must be > 0 (got {self.tau!r})")
         if not 0.0 <= self.learned_fraction <= 1.0:
             raise ValueError(f"learned_fraction must lie in [0, 1] (got {self.learned_fraction!r})")
+        if self.weighting not in ("probability", "normalized"):
+            raise ValueError(f"weighting must be probability or normalized (got {self.weighting!r})")
         if self.background not in ("border", "zero"):
             raise ValueError(f"background must be border or zero (got {self.background!r})")
 
@@ -196,7 +199,7 @@ class MaskingSpec:
         if self.mode == "gumbel":
             return gumbel_topk_masking(logits, self.ratio, self.tau, self.learned_fraction)
         probs = torch.sigmoid(logits)
-        masking = prob_topk_masking(probs, self.ratio)
+        masking = prob_topk_masking(probs, self.ratio, normalize=self.weighting == "normalized")
         # For a discriminator, as AutoMAE's judges the generator's share: the learned_fraction
         # most probable patches (a subset of the masked ones: the same stable descending order),
         # with a straight-through path to the probabilities.
@@ -232,7 +235,9 @@ class Reconstruction(Problem):
     ``reads`` for mlo and gumbel), ``beta``, ``box_threshold``, ``background`` (object_prior),
     ``tau``, ``learned_fraction`` (gumbel; in mlo the share a discriminator judges),
     ``detach_masker_input`` (true), ``masker_input``
-    (auto), ``fused_attention`` (auto). The module is a ``MaskedAutoencoder``.
+    (auto), ``weighting`` (mlo: ``probability``, MLO-MAE's, or ``normalized``, the masked
+    patches' weights divided by their mean probability), ``fused_attention`` (auto). The module
+    is a ``MaskedAutoencoder``.
     """
 
     augment = True
@@ -242,11 +247,13 @@ class Reconstruction(Problem):
                  masker: str = "mask", beta: float = 0.5, box_threshold: float = 0.5,
                  background: str = "border", tau: float = 1.0, learned_fraction: float = 1 / 3,
                  detach_masker_input: bool = True, masker_input: str = "auto",
+                 weighting: str = "probability",
                  fused_attention: Any = "auto", context: Mapping[str, Any] | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = MaskingSpec(masking, mask_ratio, beta, box_threshold, background, tau,
-                                learned_fraction, bool(detach_masker_input), masker_input)
+                                learned_fraction, bool(detach_masker_input), masker_input,
+                                weighting)
         self.masker = masker
         if self.spec.learned and masker not in self.reads:
             raise ValueError(f"masking '{masking}' reads the masker of problem '{masker}': add "
@@ -274,7 +281,8 @@ class Reconstruction(Problem):
         out = self.reconstruct(imgs, boxes=boxes)
         m = out.masking
         logs = {"masked_patch_loss": ((out.per_patch * m.mask).sum() / m.mask.sum()).detach()}
-        if m.weights is not None:
+        probs = m.probs if m.probs is not None else m.weights
+        if probs is not None:
             # what pretraining does to the masker: the mean probability of the masked patches
-            logs["masked_prob"] = ((m.weights * m.mask).sum() / m.mask.sum()).detach()
+            logs["masked_prob"] = ((probs * m.mask).sum() / m.mask.sum()).detach()
         return out.loss, logs

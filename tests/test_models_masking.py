@@ -117,6 +117,31 @@ def test_prob_topk_weights_are_the_probabilities():
     assert torch.equal(m.mask, score_masking(probs, 0.75).mask)
 
 
+def test_prob_topk_normalized_weights_are_blind_to_a_common_scale():
+    """weighting: normalized. The masked weights average 1 per image, the weighted loss is
+    sum(p l) / sum(p) over each image's masked patches (hand formula), and its derivative in a
+    common factor c of all probabilities is 0 (float64, to rounding)."""
+    from mlomae.models.mae import MaskedAutoencoder
+    g = _gen(4)
+    probs = torch.rand(3, 16, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    per_patch = torch.rand(3, 16, generator=g, dtype=torch.float64)
+    c = torch.ones((), dtype=torch.float64, requires_grad=True)
+    m = prob_topk_masking(probs * c, 0.75, normalize=True)
+    assert m.probs is not None and torch.equal(m.probs.detach(), probs)
+    w = (m.weights * m.mask).detach()
+    assert torch.allclose(w.sum(1) / m.mask.sum(1), torch.ones(3, dtype=torch.float64), atol=1e-15)
+    loss = MaskedAutoencoder.masked_loss(None, per_patch, m)
+    by_hand = sum((probs[i] * per_patch[i] * m.mask[i]).sum() / (probs[i] * m.mask[i]).sum()
+                  for i in range(3)) / 3
+    assert abs(float(loss) - float(by_hand)) < 1e-14
+    (dc,) = torch.autograd.grad(loss, c)
+    assert abs(float(dc)) < 1e-14
+    # the plain MLO-MAE weights are not: there d loss / d c is the loss itself at c = 1
+    plain = MaskedAutoencoder.masked_loss(None, per_patch, prob_topk_masking(probs * c, 0.75))
+    (dc,) = torch.autograd.grad(plain, c)
+    assert abs(float(dc) - float(plain)) < 1e-14
+
+
 def test_gumbel_learned_slots_are_topk_of_perturbed_logits():
     """AutoMAE: 1/3 of the 147 masked slots at L=196 (75%) is 49 = 25% of patches from the
     generator. Those are the top-49 of logits + g; the rest lie outside them."""

@@ -44,13 +44,37 @@ def overrides(method: str, seed: int) -> list[str]:
     return out
 
 
+def evaluate_missing(rd: Path, summary: dict) -> dict:
+    """Run the study's evaluations a finished run has no result for (the evaluation list grew
+    after it finished), on its final checkpoint, into its summary.json and MLflow run."""
+    from mlomae.eval import run_protocol
+    from mlomae.eval.features import default_model
+    from mlomae.eval.rundir import load_run, merge_summary, record_metrics
+    from mlomae.eval.spec import unique_name
+    specs = list(STUDY["evaluation"])
+    done = summary.get("eval") or {}
+    if all(unique_name(specs, i, None) in done for i in range(len(specs))):
+        return summary
+    _, built, step = load_run(rd)
+    for i, spec in enumerate(specs):
+        name = unique_name(specs, i, default_model(built))
+        if name in done:
+            continue
+        print(f"   {rd.name}: evaluating {name}", flush=True)
+        result = run_protocol(built, {**spec, "name": name}, rd, key=f"evaluation[{i}]")
+        merge_summary(rd, "eval", result)
+        record_metrics(rd, step, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+        done.update(result)
+    return json.loads((rd / "summary.json").read_text())
+
+
 def run_one(method: str, seed: int) -> dict:
     from mlomae.config import load
     from mlomae.run import Runner
     rd = HERE / "runs" / f"{method}-s{seed}"
     summary = rd / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "FINISHED":
-        return json.loads(summary.read_text())
+        return evaluate_missing(rd, json.loads(summary.read_text()))
     exp = ROOT / STUDY["methods"][method]["experiment"]
     ov = overrides(method, seed)
     cfg = load(exp, ov)

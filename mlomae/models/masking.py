@@ -38,6 +38,7 @@ class Masking:
     ids_restore: Tensor             # [N, L] long, unshuffles cat(visible, mask tokens)
     weights: Tensor | None = None   # [N, L] per-patch loss weights (MLO-MAE: mask probabilities)
     learned_mask: Tensor | None = None  # [N, L] AutoMAE: the generator-chosen part only (for D)
+    probs: Tensor | None = None     # [N, L] MLO-MAE: the masker's probabilities (for the logs)
 
     @property
     def num_keep(self) -> int:
@@ -131,14 +132,24 @@ def score_masking(scores: Tensor, ratio: float) -> Masking:
     return masking_from_hard(_topk_indicator(scores.detach(), k))
 
 
-def prob_topk_masking(probs: Tensor, ratio: float) -> Masking:
+def prob_topk_masking(probs: Tensor, ratio: float, normalize: bool = False) -> Masking:
     """MLO-MAE: mask the top-k masker probabilities [N, L]; ``weights = probs`` (with gradient).
 
     The hard selection has no gradient. ``masked_loss`` multiplies each masked patch's loss by its
     probability, which is the only differentiable path from the reconstruction loss to the masker.
+
+    ``normalize``: divide each image's weights by the mean probability of its masked patches
+    (gradient through both), so the weights of the masked patches average 1. Scaling every
+    probability by one factor then changes nothing: the masker can move weight between patches
+    but cannot raise the whole loss, i.e. pretraining's effective learning rate.
     """
     selected = score_masking(probs, ratio)
-    selected.weights = probs
+    selected.probs = probs
+    if normalize:
+        mean = (probs * selected.mask).sum(1, keepdim=True) / selected.mask.sum(1, keepdim=True)
+        selected.weights = probs / mean
+    else:
+        selected.weights = probs
     return selected
 
 
