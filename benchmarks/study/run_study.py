@@ -40,6 +40,7 @@ def overrides(method: str, seed: int) -> list[str]:
            f"trainer.checkpoint_every={STUDY['checkpoint_every']}",
            "evaluation=" + json.dumps(STUDY["evaluation"])]
     out += [f"models.mae.{k}={v}" for k, v in STUDY["model"].items()]
+    out += list(STUDY.get("overrides", []))
     out += list(spec.get("overrides", []))
     return out
 
