@@ -1,6 +1,7 @@
 """Two processes under torchrun (gloo, CPU) with batch b reach the same parameters as one
-process with batch 2b, for an implicit method and for unroll (whose recorded steps average
-their gradients differentiably)."""
+process with batch 2b, for an implicit method, for unroll (whose recorded steps average
+their gradients differentiably) and for DARTS, finite-difference and exact (on the recorded
+step)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ def final_params(rd: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["cg", "unroll", "darts"])
+@pytest.mark.parametrize("method", ["cg", "unroll", "darts", "darts_exact"])
 def test_two_processes_equal_one_with_double_batch(tmp_path, method):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     common = ["--no-tracking", "trainer.steps=12", "trainer.checkpoint_every=12",
-              f"hypergrad.method={method}", "trainer.threads=1"]
+              f"hypergrad.method={method.removesuffix('_exact')}", "trainer.threads=1"]
+    if method == "darts_exact":   # the lower's recorded step: local graph, averaged push
+        common.append("+hypergrad.exact=true")
     one, two = tmp_path / "one", tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "mlomae", "run", TOY, "--run-dir", str(one),
                         "data.batch_size=64", *common], capture_output=True, text=True, env=env, cwd=ROOT)
