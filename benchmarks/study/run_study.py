@@ -3,7 +3,7 @@ then the same evaluations for all, aggregated into benchmarks/RESULTS.md.
 
     python benchmarks/study/run_study.py                      # everything (resumes, skips finished)
     python benchmarks/study/run_study.py --methods mae_random,mlomae --seeds 0
-    python benchmarks/study/run_study.py --report             # only rebuild RESULTS.md
+    python benchmarks/study/run_study.py --report             # only the table and the plots
 
 Runs live in benchmarks/study/runs/METHOD-sSEED (git-ignored); a killed study is simply started
 again: finished runs are skipped, interrupted ones resume from their last checkpoint. Every run
@@ -113,16 +113,70 @@ def mean_std(xs: list[float]) -> str:
 
 
 def report() -> str:
+    """The markdown table: mean ± std over finished seeds per method, the pretraining wall time,
+    and where a masker learns, its final mask agreement (1 = one mask for every image)."""
     rows = collect()
     metrics = STUDY["report_metrics"]
-    head = "| method | seeds | " + " | ".join(metrics.values()) + " | wall time (min) |"
-    lines = [head, "|" + "---|" * (len(metrics) + 3)]
+    head = ("| method | seeds | " + " | ".join(metrics.values())
+            + " | wall time (min) | mask agreement |")
+    lines = [head, "|" + "---|" * (len(metrics) + 4)]
     for method in STUDY["methods"]:
         runs = rows.get(method, [])
-        cells = [mean_std([r["eval"][m] for r in runs if m in r["eval"]]) for m in metrics]
+        cells = [mean_std([r["eval"][m] for r in runs if m in r.get("eval", {})]) for m in metrics]
         wall = mean_std([r["wall_time_seconds"] / 60 for r in runs])
-        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {wall} |")
+        agree = mean_std([r["final_metrics"]["mask/mask_agreement"] for r in runs
+                          if "mask/mask_agreement" in r.get("final_metrics", {})])
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {wall} | {agree} |")
     return "\n".join(lines)
+
+
+def plots() -> list[Path]:
+    """benchmarks/study/plots/: accuracy per method (mean and std over seeds) and the mask heat
+    maps of each method's first finished seed side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir = HERE / "plots"
+    out_dir.mkdir(exist_ok=True)
+    rows = collect()
+    methods = [m for m in STUDY["methods"] if rows.get(m)]
+    if not methods:
+        return []
+    metrics = STUDY["report_metrics"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(metrics)
+    for j, (key, label) in enumerate(metrics.items()):
+        means, stds = [], []
+        for m in methods:
+            xs = [r["eval"][key] for r in rows[m] if key in r.get("eval", {})]
+            means.append(statistics.mean(xs) if xs else 0.0)
+            stds.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        ax.bar([i + j * width for i in range(len(methods))], means, width, yerr=stds,
+               label=label, capsize=2)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))])
+    ax.set_xticklabels([f"{m}\n({len(rows[m])} seeds)" for m in methods])
+    lo = min(r["eval"][k] for m in methods for r in rows[m] for k in metrics if k in r.get("eval", {}))
+    ax.set_ylim(max(0.0, lo - 5), None)
+    ax.set_ylabel("top-1 on test (%)")
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title(f"Fashion-MNIST, {STUDY['pretrain_steps']} pretraining steps per method")
+    fig.tight_layout()
+    paths = [out_dir / "accuracy.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    heat = [(m, sorted((HERE / "runs").glob(f"{m}-s*/pictures/mask_heatmap.png"))) for m in methods]
+    heat = [(m, ps[0]) for m, ps in heat if ps]
+    if heat:
+        fig, axes = plt.subplots(1, len(heat), figsize=(3.2 * len(heat), 3.2))
+        for ax, (m, png) in zip(list(axes) if len(heat) > 1 else [axes], heat):
+            ax.imshow(plt.imread(png))
+            ax.set_title(f"{m} ({png.parts[-3]})", fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        paths.append(out_dir / "mask_heatmaps.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
 
 
 def main() -> int:
@@ -138,6 +192,8 @@ def main() -> int:
                 run_one(method, seed)
                 print(f"   done in {(time.time() - t0) / 60:.1f} min", flush=True)
     print(report())
+    for p in plots():
+        print(f"plot: {p.relative_to(ROOT)}")
     return 0
 
 
