@@ -79,7 +79,9 @@ bench-quick: $(BENCH_VENV)/.installed
 	$(BENCH) precision.py --quick
 	$(BENCH) headlines.py --quick
 
-# the learned-masking study: every method x 3 seeds, resumable (hours on 2 cores; see
-# benchmarks/study/study.yaml), then the table for benchmarks/RESULTS.md
+# the learned-masking study: the masker-collapse diagnosis (short runs), then every method x 3
+# seeds, resumable (hours on 2 cores; see benchmarks/study/study.yaml), then the table and the
+# plots for benchmarks/RESULTS.md
 study: install data
+	$(PY) benchmarks/study/collapse.py
 	$(PY) benchmarks/study/run_study.py
