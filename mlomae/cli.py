@@ -34,7 +34,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg_file = rd / "config.yaml"
         if not cfg_file.exists():
             raise ConfigError("not a run directory (no config.yaml)", key="--resume", value=str(rd))
-        cfg = _load(str(cfg_file), args.overrides)
+        overrides = list(args.overrides or [])
+        if args.experiment:  # `--resume RD key=value ...`: the first override landed here
+            if "=" not in args.experiment:
+                raise ConfigError("give an experiment file or --resume RUN_DIR, not both",
+                                  key="--resume", value=args.experiment)
+            overrides.insert(0, args.experiment)
+        cfg = _load(str(cfg_file), overrides)
         cfg.file = str(cfg_file)
         run_dir, resume = rd, True
     else:

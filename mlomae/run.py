@@ -77,6 +77,7 @@ class Runner:
         self.engine = self.built.engine
         self.digest = config_digest(cfg)
         self.wall_before = 0.0
+        self.train_seconds: float | None = None
         self.metrics_state = None
         self.metrics: Metrics | None = None
         self.main = rank == 0
@@ -186,8 +187,10 @@ class Runner:
                 previous[s] = signal.signal(s, handler)
         self.t0 = time.perf_counter()
         status, error, evals, pictures = "FINISHED", None, {}, {}
+        self.train_seconds = None
         try:
             self.engine.run(total)
+            self.train_seconds = self.wall_before + (time.perf_counter() - self.t0)
             evals = self.evaluate()
             pictures = self.pictures()
         except Stopped as e:
@@ -205,6 +208,9 @@ class Runner:
             summary = self._summary(status, error, metrics, evals)
             if pictures:
                 summary["pictures"] = {k: str(p.relative_to(self.run_dir.path)) for k, p in pictures.items()}
+            if self.resume and self.main:
+                # results added to this run after it stopped (`mlomae eval`, `masks`) stay
+                self._keep_earlier_results(summary)
             if self.main:
                 self.run_dir.write_json("summary.json", summary)
                 self.run_dir.close()
@@ -248,6 +254,13 @@ class Runner:
                     self.tracker.log(line, rec)
         return results
 
+    def _keep_earlier_results(self, summary: dict) -> None:
+        from .eval.rundir import read_summary
+        before = read_summary(self.run_dir.path)
+        for key in ("eval", "pictures"):
+            if isinstance(before.get(key), dict):
+                summary[key] = {**before[key], **(summary.get(key) or {})}
+
     def _summary(self, status: str, error: str | None, metrics: Metrics, evals: dict) -> dict:
         wall = self.wall_before + (time.perf_counter() - self.t0)
         return {
@@ -257,7 +270,8 @@ class Runner:
             "problem_steps": {n: p.step_count for n, p in self.engine.problems.items()},
             "skipped_steps": {n: p.skipped for n, p in self.engine.problems.items()},
             "schedule": self.engine.schedule,
-            "wall_time_seconds": wall, "device": str(self.built.device),
+            "wall_time_seconds": wall, "train_seconds": self.train_seconds,
+            "device": str(self.built.device),
             "final_metrics": {k: v for k, v in metrics.last.items() if k != "step"},
             "eval": evals, "versions": versions(), "digest": self.digest,
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,

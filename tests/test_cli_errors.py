@@ -176,6 +176,14 @@ def test_resume_of_a_non_run_dir(tmp_path, capsys):
     assert code == 2 and "not a run directory" in err
 
 
+def test_resume_with_an_experiment_file_too(tmp_path, capsys):
+    """`--resume RUN_DIR` takes overrides, not a second experiment: refused, nothing written."""
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    code, _, err = run_cli(["run", "--resume", str(tmp_path), "experiments/toy_bilevel.yaml"], capsys)
+    assert code == 2 and "not both" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     d = copy.deepcopy(TOY)
     d["trainer"]["steps"] = 0

@@ -142,3 +142,17 @@ def test_resume_rejects_another_experiments_checkpoint(tmp_path):
     r = mlomae(["run", "--resume", str(b), "--no-tracking"], check=False)
     assert r.returncode == 2 and "belongs to another experiment" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_resume_keeps_results_added_after_the_run(tmp_path):
+    """A result `mlomae eval` merged into summary.json after the run stopped survives a resume
+    that trains further; the summary also separates training time from the whole wall time."""
+    from mlomae.eval.rundir import merge_summary
+    rd = tmp_path / "run"
+    mlomae(["run", TOY, "--run-dir", str(rd), "--no-tracking", "trainer.steps=7",
+            "trainer.checkpoint_every=7"])
+    merge_summary(rd, "eval", {"added_later": 12.5})
+    mlomae(["run", "--resume", str(rd), "--no-tracking", "trainer.steps=14"])
+    s = json.loads((rd / "summary.json").read_text())
+    assert s["outer_steps"] == 14 and s["eval"]["added_later"] == 12.5
+    assert 0 < s["train_seconds"] <= s["wall_time_seconds"]
