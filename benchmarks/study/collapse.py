@@ -61,11 +61,46 @@ def trajectory(rd: Path, key: str) -> dict[int, float]:
     return out
 
 
+def hypergradient_stats(rd: Path, batches: int = 8) -> dict[str, float]:
+    """At the run's final state: the masker's hypergradient on ``batches`` successive mask steps
+    (each after its lower steps; at the end of the cosine schedule pretraining's lr is 0, so
+    the MAE does not move between them). ``agreement``: mean pairwise cosine of those
+    hypergradients (1 = the same direction from every batch, 0 = noise). ``common_mode``: for a
+    masker with one output bias per patch (PatchMLPMasker's fc2.bias), the share of that bias's
+    hypergradient that moves every patch's logit alike, L·mean² / ‖g‖² (1 = "raise or lower
+    every probability", 1/L expected when patches are pushed independently)."""
+    import torch
+    from mlomae.eval.rundir import load_run
+    _, built, _ = load_run(rd)
+    eng = built.engine
+    names = [n for n, _ in eng.problems["mask"].named_params()]
+    flats, shares = [], []
+    for _ in range(batches):
+        eng.prefix("mask")
+        _, _, hyper = eng.gradient("mask")
+        flats.append(torch.cat([h.flatten() for h in hyper]))
+        if "fc2.bias" in names:
+            b = hyper[names.index("fc2.bias")]
+            if b.numel() > 1:
+                shares.append(float(b.numel() * b.mean() ** 2 / (b * b).sum().clamp_min(1e-30)))
+    g = torch.nn.functional.normalize(torch.stack(flats), dim=1)
+    cos = g @ g.T
+    n = len(flats)
+    out = {"agreement": float((cos.sum() - n) / (n * (n - 1)))}
+    if shares:
+        out["common_mode"] = sum(shares) / len(shares)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     names = args.variants.split(",")
     at = [s for s in AT if s <= args.steps]
     rows = []
@@ -81,6 +116,13 @@ def main() -> int:
     print("| variant | change | " + " | ".join(str(s) for s in at) + " |")
     print("|---|---|" + "---|" * len(at))
     print("\n".join(rows))
+    print("\nthe masker's hypergradient at the end, over 8 successive mask steps:")
+    print("| variant | pairwise cosine | common-mode share of the per-patch output bias |")
+    print("|---|---|---|")
+    for name in names:
+        st = hypergradient_stats(RUNS / name)
+        cm = f"{st['common_mode']:.2f}" if "common_mode" in st else "– (one shared bias)"
+        print(f"| {name} | {st['agreement']:.2f} | {cm} |", flush=True)
     return 0
 
 
