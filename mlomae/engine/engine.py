@@ -12,35 +12,18 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import GraphError, NonFiniteError
-from ..hypergrad import METHODS, LowerLevel, UnrollTrace
+from ..hypergrad import METHODS, LowerLevel
 from . import diffopt, rng
 from .graph import Dependency, Graph
-from .params import swap_params
 from .problem import Problem
-
-
-@dataclass
-class StepRecord:
-    """What happened in one problem step (tensors stay on device until a callback asks)."""
-
-    problem: str
-    step: int                    # the problem's own step count after this step
-    outer_step: int              # the outer step this problem step belongs to (0-based)
-    loss: Tensor
-    logs: dict[str, Any] = field(default_factory=dict)
-    grad_norm: Tensor | None = None
-    hypergrad_norm: Tensor | None = None
-    seconds: float = 0.0
-    skipped: bool = False
+from .steps import DifferentiableSteps, StepRecord, _Record, _Window, add, fill, norm
 
 
 class Reducer:
@@ -68,28 +51,7 @@ class Callback:
     def on_run_end(self, engine: "Engine") -> None: ...
 
 
-@dataclass
-class _Record:
-    """The last step of a lower problem pushed through by exact DARTS: its local gradient
-    (graph kept) and the copies of the parameters of the problems it read."""
-
-    grads: list[Tensor]
-    reads: dict[str, list[Tensor]]
-
-
-@dataclass
-class _Window:
-    """A lower problem's differentiable steps since its last consumption."""
-
-    params: list[Tensor]
-    states: list[dict]
-    snaps: dict[str, list[list[Tensor]]]  # read problem -> snapshots (aligned with its params)
-    snap_at: dict[str, int]               # read problem -> its step count when last snapshotted
-    steps: int = 0
-    consumed: bool = False
-
-
-class Engine:
+class Engine(DifferentiableSteps):
     def __init__(self, problems: Sequence[Problem], dependencies: Sequence[Dependency] = (), *,
                  method: str = "darts", options: Mapping[str, Any] | None = None,
                  method_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -220,7 +182,7 @@ class Engine:
             adj, i = {}, len(params)
             for q in entered:
                 n = len(self._params(q))
-                adj[q.name] = _fill(grads[i:i + n], self._params(q))
+                adj[q.name] = fill(grads[i:i + n], self._params(q))
                 i += n
             hyper = self._hypergradient(p, adj)
         return loss, logs, direct, hyper
@@ -230,8 +192,8 @@ class Engine:
         loss, logs, direct, hyper = self._gradients(p, batch, params)
         rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
         if hyper is not None:
-            rec.hypergrad_norm = _norm(hyper)
-            direct = [_add(d, h) for d, h in zip(direct, hyper)]
+            rec.hypergrad_norm = norm(hyper)
+            direct = [add(d, h) for d, h in zip(direct, hyper)]
         grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(direct, params)]
         self._apply(p, params, grads, loss, rec)
         return rec
@@ -255,12 +217,12 @@ class Engine:
             self._forget()
         params = p.params()
         hyper = hyper if hyper is not None else [None] * len(params)
-        return loss.detach(), _fill(direct, params), _fill(hyper, params)
+        return loss.detach(), fill(direct, params), fill(hyper, params)
 
     def _apply(self, p: Problem, params: list[Tensor], grads: list[Tensor], loss: Tensor,
                rec: StepRecord) -> None:
         """Check, clip and apply gradients, then count the step."""
-        gnorm = _norm(grads) if grads else torch.zeros((), device=self.device)
+        gnorm = norm(grads) if grads else torch.zeros((), device=self.device)
         rec.grad_norm = gnorm
         finite = math.isfinite(float(gnorm + loss.detach()))  # one host sync, as bool() was
         if not finite:
@@ -328,100 +290,12 @@ class Engine:
                 part = contrib[i:i + n]
                 i += n
                 if r.name == upper.name:
-                    hyper = [_add(h, c) for h, c in zip(hyper, part)]
+                    hyper = [add(h, c) for h, c in zip(hyper, part)]
                 elif any(c is not None for c in part):
                     prev = adj.get(r.name)
-                    part = _fill(part, self._params(r))
+                    part = fill(part, self._params(r))
                     adj[r.name] = part if prev is None else [a + b for a, b in zip(prev, part)]
         return hyper
-
-    # -- recorded steps (exact DARTS) -------------------------------------------------------
-    def _swap_in(self, stack: ExitStack, p: Problem, own: list[Tensor]) -> dict[str, list[Tensor]]:
-        """Swap ``own`` into ``p``'s module and fresh leaf copies into every module ``p`` reads
-        (returned per read problem), so that in-place updates of the real parameters later in
-        the outer step cannot invalidate a graph built now."""
-        stack.enter_context(swap_params(p.module, {n: t for (n, _), t in zip(self._named(p), own)}))
-        reads = {}
-        for r in p.reads:
-            qnamed = self._named(self.problems[r])
-            reads[r] = [x.detach().clone().requires_grad_(True) for _, x in qnamed]
-            stack.enter_context(swap_params(self.problems[r].module,
-                                            {n: t for (n, _), t in zip(qnamed, reads[r])}))
-        return reads
-
-    def _recorded_step(self, p: Problem, batch: Any) -> StepRecord:
-        """A plain step of ``p`` whose gradient keeps its graph, taken at copies of the
-        parameters the step starts from: exact DARTS then needs no forward pass of its own
-        (the mixed term -∇_x(∇_θ f · v) at the step's start, DARTS's own point)."""
-        real = self._params(p)
-        start = [x.detach().clone().requires_grad_(True) for x in real]
-        with ExitStack() as stack:
-            reads = self._swap_in(stack, p, start)
-            loss, logs = self._eval(p, batch)
-            grads = torch.autograd.grad(loss, start, create_graph=True, allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, start)]
-        self._records[p.name] = _Record(grads=grads, reads=reads)
-        rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
-        self._apply(p, real, self.reducer.mean([g.detach() for g in grads]), loss, rec)
-        return rec
-
-    # -- unrolled (differentiable) steps ----------------------------------------------------
-    def _trace(self, q: Problem, reached: list[Problem]) -> UnrollTrace:
-        w = self._windows.get(q.name)
-        if w is None or w.steps == 0:
-            raise RuntimeError(f"no differentiable steps of '{q.name}' recorded in this outer step")
-        w.consumed = True
-        sources = []
-        for r in reached:
-            snaps = w.snaps.get(r.name, [])
-            for j in range(len(self._params(r))):
-                sources.append([s[j] for s in snaps])
-        return UnrollTrace(outputs=w.params, sources=sources, steps=w.steps)
-
-    def _unrolled_step(self, p: Problem, batch: Any) -> StepRecord:
-        named = self._named(p)
-        real = [x for _, x in named]
-        w = self._windows.get(p.name)
-        if w is None or w.consumed:
-            w = _Window(params=[x.detach().clone().requires_grad_(True) for x in real],
-                        states=diffopt.initial_states(p.optimizer, real), snaps={}, snap_at={})
-            self._windows[p.name] = w
-        # inputs are read through snapshots, so later in-place updates of the real parameters
-        # cannot invalidate this graph; a new snapshot is taken only when the input has changed
-        with ExitStack() as stack:
-            stack.enter_context(swap_params(p.module, {n: t for (n, _), t in zip(named, w.params)}))
-            for r in p.reads:
-                q = self.problems[r]
-                qnamed = self._named(q)
-                if w.snap_at.get(r) != q.step_count or r not in w.snaps:
-                    snap = [x.detach().clone().requires_grad_(True) for _, x in qnamed]
-                    w.snaps.setdefault(r, []).append(snap)
-                    w.snap_at[r] = q.step_count
-                stack.enter_context(swap_params(q.module, {n: t for (n, _), t in
-                                                           zip(qnamed, w.snaps[r][-1])}))
-            loss, logs = self._eval(p, batch)
-            grads = torch.autograd.grad(loss, w.params, create_graph=True, allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, w.params)]
-        grads = self.reducer.mean_differentiable(grads)
-        rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
-        rec.grad_norm = _norm(grads)
-        if not self.reducer.all(bool(torch.isfinite(rec.grad_norm) & torch.isfinite(loss.detach()))):
-            self._nonfinite(p, loss, rec.grad_norm, rec)
-            p.step_count += 1
-            return rec
-        if p.grad_clip is not None:
-            grads = diffopt.clip_by_total_norm(grads, p.grad_clip)
-        new, states = diffopt.step(p.optimizer, real, w.params, grads, w.states)
-        w.params, w.states, w.steps = new, states, w.steps + 1
-        with torch.no_grad():
-            torch._foreach_copy_(real, new)
-        diffopt.write_back(p.optimizer, real, states)
-        if p.scheduler is not None:
-            with warnings.catch_warnings():  # the update was ours, not optimizer.step()'s
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                p.scheduler.step()
-        p.step_count += 1
-        return rec
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -432,28 +306,6 @@ class Engine:
         self.outer_step = int(state["outer_step"])
         for n, s in state["problems"].items():
             self.problems[n].load_state_dict(s)
-
-
-def _fill(ts: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
-    return [t if t is not None else torch.zeros_like(x) for t, x in zip(ts, like)]
-
-
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
-def _norm(ts: Sequence[Tensor | None]) -> Tensor:
-    present = [t.detach() for t in ts if t is not None]
-    if not present:
-        return torch.zeros(())
-    norms = torch._foreach_norm(present)
-    if any(n.dtype != norms[0].dtype for n in norms):
-        norms = [n.float() for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms).float())
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
