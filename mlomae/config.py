@@ -64,6 +64,26 @@ class Config:
 
 # -- loading -------------------------------------------------------------------------------
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading ``1e-5`` as a number, as YAML 1.2 does (YAML 1.1 needs a
+    dot, ``1.0e-5``, and would hand the string "1e-5" to an optimizer)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (``1e-5``); every YAML the project reads."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: Path, key: str | None = None) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -72,7 +92,7 @@ def _read_yaml(path: Path, key: str | None = None) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"cannot read file: {e.strerror}", file=str(path), key=key) from None
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -149,7 +169,7 @@ def apply_override(data: dict[str, Any], item: str, file: str) -> None:
     key = key.lstrip("+")
     add = add or _schema_key(key)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     parts = key.split(".")

@@ -154,3 +154,15 @@ def test_ablation_runs_under_each_method(method, tmp_path):
     assert summary["status"] == "FINISHED"
     fused = {a.fused_attn for a in runner.built.models["mae"].modules() if hasattr(a, "fused_attn")}
     assert fused == {method in ("darts", "first_order")}
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """`lr=1e-5` (an override or a YAML value) is the number 1e-5, as YAML 1.2 reads it; PyYAML's
+    YAML 1.1 would give the string "1e-5" and the schema would refuse it."""
+    toy = Path(__file__).resolve().parent.parent / "experiments" / "toy_bilevel.yaml"
+    cfg = config.load(toy, ["problems.hyper.optimizer.lr=1e-5"])
+    assert cfg["problems"]["hyper"]["optimizer"]["lr"] == 1e-5
+    f = tmp_path / "exp.yaml"
+    f.write_text(toy.read_text().replace("lr: 0.05}", "lr: 5e-2}"))
+    assert config.load(f)["problems"]["regression"]["optimizer"]["lr"] == 0.05
+    assert config.load_yaml("a: '1e-5'\nb: 2026-11-23x") == {"a": "1e-5", "b": "2026-11-23x"}

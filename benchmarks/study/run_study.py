@@ -20,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 HERE = Path(__file__).resolve().parent
-STUDY = yaml.safe_load((HERE / "study.yaml").read_text())
+from mlomae.config import load_yaml  # noqa: E402  (after the path is set)
+
+STUDY = load_yaml((HERE / "study.yaml").read_text())
 
 
 def pretrain_per_outer(cfg) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ..config import load_yaml
 from ..errors import ConfigError
 
 
@@ -25,7 +26,7 @@ def _options(items: list[str]) -> dict[str, Any]:
         if not sep or not k.strip():
             raise ConfigError("a protocol option has the form key=value", key="eval", value=item)
         try:
-            out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+            out[k.strip()] = load_yaml(v) if v.strip() else ""
         except yaml.YAMLError:
             out[k.strip()] = v
     return out
