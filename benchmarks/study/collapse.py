@@ -3,6 +3,7 @@ embed 64 / depth 2, DARTS) that change one thing each, and how the mask statisti
 
     python benchmarks/study/collapse.py                 # every variant, 300 outer steps each
     python benchmarks/study/collapse.py --variants published,normalized --steps 100
+    python benchmarks/study/collapse.py --saturation    # only: how fast the logits saturate
 
 ``mask/mask_agreement`` is 0 when masks are independent of the image and 1 when every image
 gets the same mask; ``pretrain/masked_prob`` is the mean probability of the masked patches.
@@ -92,15 +93,69 @@ def hypergradient_stats(rd: Path, batches: int = 8) -> dict[str, float]:
     return out
 
 
+SHARED = ("models.masker={target: mlomae.models.maskers.SharedPatchMasker, embed_dim: 128, "
+          "hidden_dim: 256}")
+SATURATION = {  # at the study's size: (masker, its AdamW lr, loss weighting)
+    "PatchMLPMasker, lr 1e-3 (published)": [],
+    "PatchMLPMasker, lr 1e-4": ["problems.mask.optimizer.lr=1e-4"],
+    "PatchMLPMasker, lr 1e-5": ["problems.mask.optimizer.lr=1e-5"],
+    "PatchMLPMasker, lr 1e-4, normalized": ["problems.mask.optimizer.lr=1e-4",
+                                            "+problems.pretrain.weighting=normalized"],
+    "SharedPatchMasker, lr 1e-3": [SHARED],
+    "SharedPatchMasker, lr 1e-3, normalized": [SHARED, "+problems.pretrain.weighting=normalized"],
+}
+
+
+def saturation(steps: int = 40, every: int = 10) -> None:
+    """How fast the masker's logits move, from initialisation, at the study's model size
+    (fashion_mnist.yaml: MAE embed 128, depth 4; no augmentation): on one fixed batch, the logits'
+    mean change and spread, the share of saturated probabilities (< 0.01 or > 0.99) and the
+    mask agreement after each ``every`` outer steps (one masker AdamW step each)."""
+    import torch
+    from mlomae.build import build
+    from mlomae.config import load
+    from problems.mask import mask_stats
+    base = ["models.mae.embed_dim=128", "models.mae.depth=4", "+data.augment=false", "seed=0"]
+    print(f"\nmasker logits on one batch at the study's size, after k outer steps "
+          f"(|change| / std / saturated share / mask agreement):")
+    print("| masker | init std | " + " | ".join(f"k = {k}" for k in range(every, steps + 1, every)) + " |")
+    print("|---|---|" + "---|" * (steps // every))
+    for name, extra in SATURATION.items():
+        b = build(load(ROOT / "experiments" / "fashion_mnist.yaml", base + extra))
+        pre, mk, mae = b.problems["pretrain"], b.models["masker"], b.models["mae"]
+        x = pre.next_batch()[0]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        with torch.no_grad():
+            e = mae.embed_patches(x)
+            l0 = mk.logits(e)
+        cells = []
+        for k in range(1, steps + 1):
+            b.engine.step()
+            if k % every == 0:
+                with torch.no_grad():
+                    lk = mk.logits(mae.embed_patches(x))
+                    agree = float(mask_stats(pre.masking_for(x))["mask_agreement"])
+                p = torch.sigmoid(lk)
+                sat = float(((p > 0.99) | (p < 0.01)).float().mean())
+                cells.append(f"{float((lk - l0).abs().mean()):.2f} / {float(lk.std()):.2f} / "
+                             f"{sat:.2f} / {agree:.2f}")
+        print(f"| {name} | {float(l0.std()):.2f} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--saturation", action="store_true",
+                    help="only the logit-saturation measurement at the study's size")
     args = ap.parse_args()
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    if args.saturation:
+        saturation()
+        return 0
     names = args.variants.split(",")
     at = [s for s in AT if s <= args.steps]
     rows = []
@@ -123,6 +178,7 @@ def main() -> int:
         st = hypergradient_stats(RUNS / name)
         cm = f"{st['common_mode']:.2f}" if "common_mode" in st else "– (one shared bias)"
         print(f"| {name} | {st['agreement']:.2f} | {cm} |", flush=True)
+    saturation()
     return 0
 
 
