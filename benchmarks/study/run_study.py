@@ -84,6 +84,9 @@ def run_one(method: str, seed: int) -> dict:
     steps = STUDY["pretrain_steps"] // per
     cfg = load(exp, ov + [f"trainer.steps={steps}"])
     resume = (rd / "checkpoints").is_dir() and any((rd / "checkpoints").glob("*.pt"))
+    if rd.exists() and not resume:  # stopped before its first checkpoint: nothing to keep
+        import shutil
+        shutil.rmtree(rd)
     if resume:
         cfg = load(rd / "config.yaml", [])
     print(f"== {method} seed {seed}: {steps} outer steps ({steps * per} pretraining steps)"
