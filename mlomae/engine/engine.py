@@ -279,7 +279,9 @@ class Engine(DifferentiableSteps):
             lower = self._lower_view(q)
             if method == "unroll":
                 lower.trace = self._trace(q, reached)
-            elif name in self._records:  # exact darts on the graph its last step kept
+            elif method == "darts" and opts.get("exact") and name in self._records:
+                # exact darts on the graph the lower's last step kept (another upper pushing
+                # through the same lower by another method reads the real parameters)
                 record = self._records.pop(name)
                 lower.step_grads = record.grads
                 inputs = [t for r in reached for t in record.reads.get(r.name, self._params(r))]
