@@ -282,7 +282,66 @@ def test_edge_option_block_follows_the_edge_whatever_its_method():
     assert g.plans["mask"].methods == {"finetune": ("darts", {"alpha": 0.02, "exact": True}),
                                        "pretrain": ("darts", {"alpha": 0.02})}
     assert g.recorded() == {"finetune"}
+    # the mask step reads the fine-tune step's record; nothing reads the pretraining steps
+    cycle = ["pretrain", "pretrain", "finetune", "mask"]
+    assert g.step_readers(cycle) == {"finetune": [1]}
+    g = Graph(steps, reads, deps, default_method="unroll")
+    assert g.step_readers(cycle) == {"finetune": [1], "pretrain": [0, 1]}
     g = Graph(steps, reads, deps, default_method="cg", default_options={"iters": 3})
     assert g.plans["mask"].methods == {"finetune": ("cg", {"iters": 3}),
                                        "pretrain": ("cg", {"iters": 3})}
     assert g.recorded() == set()
+
+
+class TwoHyperLower(Problem):
+    """Ridge in λ = read("a") plus a θ-dependent term in read("b"): ∂²f/∂b∂θ = σ'(b) θ depends
+    on θ, so an upper pushing through this lower sees where its parameters were taken."""
+
+    def loss(self, batch):
+        X, y = batch
+        theta = self.module()
+        return ridge_inner(theta, self.read("a")(), X, y) + 0.5 * (
+            torch.sigmoid(self.read("b")()) * theta ** 2).sum()
+
+
+def two_uppers(method_a, options_a, method_b, lr=0.1, d=5, options_b=None):
+    X, y = regression(200, d, 0)
+    theta, a, b = Vector(d, 0.1), Vector(d, 0.0), Vector(d, 0.3)
+    lower = TwoHyperLower("lower", theta, optimizer=torch.optim.SGD(theta.parameters(), lr=lr),
+                          data=Const((X, y)), steps=1, reads=["a", "b"])
+    uppers = [ValUpper(n, v, optimizer=torch.optim.SGD(v.parameters(), lr=0.5),
+                       data=Const(regression(100, d, s)), reads=["lower"])
+              for n, v, s in (("a", a, 1), ("b", b, 2))]
+    deps = [Dependency("a", "lower", method=method_a, options=options_a),
+            Dependency("b", "lower", method=method_b, options=options_b or {})]
+    eng = Engine([lower, *uppers], deps, method="darts")
+    eng.step()
+    return eng, a.value.detach(), b.value.detach()
+
+
+def test_two_uppers_on_one_recorded_lower_each_get_their_own_point():
+    """Upper a pushes through the lower by exact DARTS on its recorded step, upper b through
+    the same lower by finite-difference DARTS. a's update equals the one with the exact unroll
+    on its edge; b's equals the one with finite differences on both edges, bit for bit (it
+    reads the lower's real parameters after the step, not the step's records)."""
+    lr = 0.1
+    eng, a, b = two_uppers("darts", {"exact": True, "scale": lr}, "darts", lr=lr)
+    assert eng.recorded == {"lower"}
+    _, a_unroll, _ = two_uppers("unroll", {}, "darts", lr=lr)
+    _, _, b_fd = two_uppers("darts", {}, "darts", lr=lr)
+    a0, b0 = torch.zeros(5, dtype=DT), torch.full((5,), 0.3, dtype=DT)
+    assert (a_unroll - a0).norm() > 0 and rel(a - a0, a_unroll - a0) < 1e-12
+    assert (b_fd - b0).norm() > 0 and torch.equal(b, b_fd)
+
+
+def test_two_exact_uppers_read_one_record():
+    """Both uppers push through the lower by exact DARTS: the second reads the same recorded
+    step as the first (its graph kept for it), so each equals the exact one-step unroll."""
+    lr = 0.1
+    exact = {"exact": True, "scale": lr}
+    eng, a, b = two_uppers("darts", exact, "darts", lr=lr, options_b=exact)
+    assert eng.graph.step_readers(eng.schedule) == {"lower": [2]}
+    _, a_ref, b_ref = two_uppers("unroll", {}, "unroll", lr=lr)
+    a0, b0 = torch.zeros(5, dtype=DT), torch.full((5,), 0.3, dtype=DT)
+    assert rel(a - a0, a_ref - a0) < 1e-12
+    assert rel(b - b0, b_ref - b0) < 1e-12

@@ -77,6 +77,8 @@ class Engine(DifferentiableSteps):
         # lower problems pushed through by exact DARTS: their steps keep the gradient's graph
         # (problems that are themselves uppers with a hypergradient step the usual way)
         self.recorded = {n for n in self.graph.recorded() if n not in self.graph.plans}
+        self._readers = self.graph.step_readers(self.schedule)
+        self._steps_now: dict[str, int] = {}   # steps of each problem in this outer step
         for name in self.unrolled:
             opt = self.problems[name].optimizer
             if opt is None or not diffopt.supported(opt):
@@ -108,6 +110,7 @@ class Engine(DifferentiableSteps):
     def _forget(self) -> None:
         self._windows.clear()  # no graph outlives its outer step
         self._records.clear()
+        self._steps_now.clear()
         self._param_cache.clear()
         self._named_cache.clear()
 
@@ -158,9 +161,9 @@ class Engine(DifferentiableSteps):
         batch = _to_device(p.next_batch(), self.device)
         state = rng.capture(self._cuda)
         if p.name in self.unrolled:
-            rec = self._unrolled_step(p, batch)
-        elif p.name in self.recorded:
-            rec = self._recorded_step(p, batch)
+            rec = self._unrolled_step(p, batch, self._step_readers(p.name))
+        elif p.name in self.recorded and (readers := self._step_readers(p.name)):
+            rec = self._recorded_step(p, batch, readers)
         else:
             rec = self._plain_step(p, batch)
         p.last_batch, p.last_rng = batch, state
@@ -278,12 +281,16 @@ class Engine(DifferentiableSteps):
             inputs = [t for r in reached for t in self._params(r)]
             lower = self._lower_view(q)
             if method == "unroll":
-                lower.trace = self._trace(q, reached)
+                lower.trace, lower.retain_step = self._trace(q, reached)
             elif method == "darts" and opts.get("exact") and name in self._records:
                 # exact darts on the graph the lower's last step kept (another upper pushing
-                # through the same lower by another method reads the real parameters)
-                record = self._records.pop(name)
-                lower.step_grads = record.grads
+                # through the same lower by another method reads the real parameters); the
+                # last push that reads it frees the graph
+                record = self._records[name]
+                record.uses -= 1
+                if record.uses <= 0:
+                    del self._records[name]
+                lower.step_grads, lower.retain_step = record.grads, record.uses > 0
                 inputs = [t for r in reached for t in record.reads.get(r.name, self._params(r))]
             contrib = METHODS[method](v, lower, inputs, **opts)
             i = 0

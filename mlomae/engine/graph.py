@@ -197,6 +197,27 @@ class Graph:
         return {p for plan in self.plans.values() for p, (m, o) in plan.methods.items()
                 if m == "darts" and o.get("exact")} - self.unrolled()
 
+    def step_readers(self, schedule: list[str]) -> dict[str, list[int]]:
+        """For each unrolled or recorded problem, per step of it in ``schedule``: how many
+        pushes read what that step kept (its unrolled window, its recorded gradient) before
+        the problem steps again or the cycle ends. The last of them frees the graph."""
+        unrolled = self.unrolled()
+        out: dict[str, list[int]] = {}
+        for lower in unrolled | self.recorded():
+            def reads_it(plan: Plan) -> bool:
+                method, opts = plan.methods.get(lower, ("", {}))
+                return method == "unroll" if lower in unrolled else (
+                    method == "darts" and bool(opts.get("exact")))
+            readers = {u for u, plan in self.plans.items() if reads_it(plan)}
+            uses: list[int] = []
+            for name in schedule:
+                if name == lower:
+                    uses.append(0)
+                elif uses and name in readers:
+                    uses[-1] += 1
+            out[lower] = uses
+        return out
+
     def paths(self, upper: str) -> list[list[str]]:
         """Every path an adjoint takes from ``upper`` back to it, as problem names."""
         plan = self.plans.get(upper)

@@ -50,6 +50,7 @@ class _Record:
 
     grads: list[Tensor]
     reads: dict[str, list[Tensor]]
+    uses: int = 1  # pushes still to read it; the last one frees its graph
 
 
 @dataclass
@@ -62,6 +63,7 @@ class _Window:
     snap_at: dict[str, int]               # read problem -> its step count when last snapshotted
     steps: int = 0
     consumed: bool = False
+    readers: int = 1   # pushes still to read it (set by its latest step)
 
 
 class DifferentiableSteps:
@@ -70,8 +72,23 @@ class DifferentiableSteps:
 
     _records: dict[str, _Record]
     _windows: dict[str, _Window]
+    _readers: dict[str, list[int]]   # per unrolled or recorded problem, per step of it in the cycle
+    _steps_now: dict[str, int]       # its steps so far in this outer step
+
+    def _step_readers(self, name: str) -> int:
+        """How many pushes read what this step of ``name`` keeps before its next step (counted
+        on the cycle). A recorded problem's step nobody reads is a plain step, and drops the
+        previous step's record."""
+        k = self._steps_now.get(name, 0)
+        self._steps_now[name] = k + 1
+        readers = self._readers.get(name, [])
+        n = readers[k] if k < len(readers) else 1
+        if n == 0:
+            self._records.pop(name, None)
+        return n
 
     # -- recorded steps (exact DARTS) -------------------------------------------------------
+
     def _swap_in(self, stack: ExitStack, p: Problem, own: list[Tensor]) -> dict[str, list[Tensor]]:
         """Swap ``own`` into ``p``'s module and fresh leaf copies into every module ``p`` reads
         (returned per read problem), so that in-place updates of the real parameters later in
@@ -85,7 +102,7 @@ class DifferentiableSteps:
                                             {n: t for (n, _), t in zip(qnamed, reads[r])}))
         return reads
 
-    def _recorded_step(self, p: Problem, batch: Any) -> StepRecord:
+    def _recorded_step(self, p: Problem, batch: Any, readers: int = 1) -> StepRecord:
         """A plain step of ``p`` whose gradient keeps its graph, taken at copies of the
         parameters the step starts from: exact DARTS then needs no forward pass of its own
         (the mixed term -∇_x(∇_θ f · v) at the step's start, DARTS's own point)."""
@@ -96,25 +113,28 @@ class DifferentiableSteps:
             loss, logs = self._eval(p, batch)
             grads = torch.autograd.grad(loss, start, create_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, start)]
-        self._records[p.name] = _Record(grads=grads, reads=reads)
+        self._records[p.name] = _Record(grads=grads, reads=reads, uses=readers)
         rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
         self._apply(p, real, self.reducer.mean([g.detach() for g in grads]), loss, rec)
         return rec
 
     # -- unrolled (differentiable) steps ----------------------------------------------------
-    def _trace(self, q: Problem, reached: list[Problem]) -> UnrollTrace:
+    def _trace(self, q: Problem, reached: list[Problem]) -> tuple[UnrollTrace, bool]:
+        """The window of ``q``'s differentiable steps for a push, and whether another push
+        reads it after this one (then its graph must survive this push's backward)."""
         w = self._windows.get(q.name)
         if w is None or w.steps == 0:
             raise RuntimeError(f"no differentiable steps of '{q.name}' recorded in this outer step")
         w.consumed = True
+        w.readers -= 1
         sources = []
         for r in reached:
             snaps = w.snaps.get(r.name, [])
             for j in range(len(self._params(r))):
                 sources.append([s[j] for s in snaps])
-        return UnrollTrace(outputs=w.params, sources=sources, steps=w.steps)
+        return UnrollTrace(outputs=w.params, sources=sources, steps=w.steps), w.readers > 0
 
-    def _unrolled_step(self, p: Problem, batch: Any) -> StepRecord:
+    def _unrolled_step(self, p: Problem, batch: Any, readers: int = 1) -> StepRecord:
         named = self._named(p)
         real = [x for _, x in named]
         w = self._windows.get(p.name)
@@ -148,7 +168,7 @@ class DifferentiableSteps:
         if p.grad_clip is not None:
             grads = diffopt.clip_by_total_norm(grads, p.grad_clip)
         new, states = diffopt.step(p.optimizer, real, w.params, grads, w.states)
-        w.params, w.states, w.steps = new, states, w.steps + 1
+        w.params, w.states, w.steps, w.readers = new, states, w.steps + 1, readers
         with torch.no_grad():
             torch._foreach_copy_(real, new)
         diffopt.write_back(p.optimizer, real, states)

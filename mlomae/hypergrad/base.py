@@ -49,7 +49,8 @@ class LowerLevel:
 
     ``step_grads``, when the engine recorded the lower's last step, is that step's ∇_θ f
     (this process's batch, graph kept), at the parameters the step started from; the inputs
-    then are the copies the step read.
+    then are the copies the step read. ``retain_step`` says another push reads the same
+    record (or unrolled trace) after this one, so its graph must survive this push's backward.
     """
 
     params: list[Tensor]
@@ -58,6 +59,7 @@ class LowerLevel:
     trace: UnrollTrace | None = None
     reduce: Callable[[list], list] = field(default=lambda ts: ts)
     step_grads: list[Tensor] | None = None  # ∇_θ f of the last step, graph kept, if recorded
+    retain_step: bool = False  # another push reads step_grads after this one: keep its graph
 
 
 class HypergradMethod(Protocol):
@@ -94,7 +96,9 @@ def hvp_fn(grads: Sequence[Tensor], params: Sequence[Tensor],
 
 
 def mixed_vjp(grads: Sequence[Tensor], inputs: Sequence[Tensor], w: Sequence[Tensor],
-              reduce: Callable[[list], list] = lambda ts: ts) -> list[Tensor | None]:
+              reduce: Callable[[list], list] = lambda ts: ts,
+              retain_graph: bool = False) -> list[Tensor | None]:
     """-(∂²f/∂x∂θ) w for each input x (None where f does not depend on x)."""
-    out = torch.autograd.grad(grads, list(inputs), grad_outputs=list(w), allow_unused=True)
+    out = torch.autograd.grad(grads, list(inputs), grad_outputs=list(w), allow_unused=True,
+                              retain_graph=retain_graph)
     return reduce([None if o is None else -o for o in out])

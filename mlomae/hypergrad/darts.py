@@ -31,8 +31,9 @@ def darts(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, a
     params = list(lower.params)
     vs = [t.detach() for t in v]
     if exact:
-        grads = lower.step_grads if lower.step_grads is not None else inner_grad(lower)
-        out = mixed_vjp(grads, inputs, vs, lower.reduce)
+        recorded = lower.step_grads is not None
+        grads = lower.step_grads if recorded else inner_grad(lower)
+        out = mixed_vjp(grads, inputs, vs, lower.reduce, retain_graph=recorded and lower.retain_step)
         return [None if o is None else o.mul_(scale) for o in out]
     eps = alpha / (float(norm(vs)) + 1e-12)
     saved = [p.detach().clone() for p in params]

@@ -28,7 +28,7 @@ def unroll(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor],
     if not pairs:
         return [None for _ in inputs]
     grads = torch.autograd.grad([o for o, _ in pairs], flat, grad_outputs=[t.detach() for _, t in pairs],
-                                allow_unused=True)
+                                allow_unused=True, retain_graph=lower.retain_step)
     out: list[Tensor | None] = []
     i = 0
     for group in trace.sources:
