@@ -103,7 +103,8 @@ def collect() -> dict:
         d = json.loads(s.read_text())
         if d.get("status") != "FINISHED":
             continue
-        method = rd.name.rsplit("-s", 1)[0]
+        method, seed = rd.name.rsplit("-s", 1)
+        d["seed"] = int(seed)
         d["train_minutes"] = train_minutes(d, rd)
         rows.setdefault(method, []).append(d)
     return rows
@@ -144,7 +145,40 @@ def report() -> str:
         agree = mean_std([r["final_metrics"]["mask/mask_agreement"] for r in runs
                           if "mask/mask_agreement" in r.get("final_metrics", {})])
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {wall} | {agree} |")
+    return "\n".join(lines) + "\n\n" + paired(rows, metrics)
+
+
+def paired(rows: dict, metrics: dict, base: str = "mae_random") -> str:
+    """Each method minus ``base`` on the same seed (same data order, same initialisation of the
+    shared parts), mean ± std over the seeds both have finished, and the pretraining time ratio:
+    the comparison the study's goal is stated in."""
+    by_seed = {r["seed"]: r for r in rows.get(base, [])}
+    keys = [m for m in metrics if not m.endswith("_pixels_top1")]
+    lines = [f"Difference from {base} on the same seed (points; time as a ratio):", "",
+             "| method | seeds | " + " | ".join(metrics[m] for m in keys) + " | time ratio |",
+             "|" + "---|" * (len(keys) + 3)]
+    for method in STUDY["methods"]:
+        if method == base:
+            continue
+        pairs = [(r, by_seed[r["seed"]]) for r in rows.get(method, []) if r["seed"] in by_seed]
+        if not pairs:
+            continue
+        cells = []
+        for m in keys:
+            ds = [r["eval"][m] - b["eval"][m] for r, b in pairs
+                  if m in r.get("eval", {}) and m in b.get("eval", {})]
+            cells.append(signed(ds))
+        ratio = mean_std([r["train_minutes"] / b["train_minutes"] for r, b in pairs])
+        lines.append(f"| {method} | {len(pairs)} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)
+
+
+def signed(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:+.2f}"
+    return f"{statistics.mean(xs):+.2f} ± {statistics.stdev(xs):.2f}"
 
 
 def plots() -> list[Path]:
