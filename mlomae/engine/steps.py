@@ -75,6 +75,7 @@ class DifferentiableSteps:
     _readers: dict[str, list[int]]   # per unrolled or recorded problem, per step of it in the cycle
     _steps_now: dict[str, int]       # its steps so far in this outer step
 
+    # -- what a step keeps, and for how many pushes ------------------------------------------
     def _step_readers(self, name: str) -> int:
         """How many pushes read what this step of ``name`` keeps before its next step (counted
         on the cycle). A recorded problem's step nobody reads is a plain step, and drops the
@@ -88,7 +89,6 @@ class DifferentiableSteps:
         return n
 
     # -- recorded steps (exact DARTS) -------------------------------------------------------
-
     def _swap_in(self, stack: ExitStack, p: Problem, own: list[Tensor]) -> dict[str, list[Tensor]]:
         """Swap ``own`` into ``p``'s module and fresh leaf copies into every module ``p`` reads
         (returned per read problem), so that in-place updates of the real parameters later in
