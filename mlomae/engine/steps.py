@@ -79,7 +79,8 @@ class DifferentiableSteps:
     def _step_readers(self, name: str) -> int:
         """How many pushes read what this step of ``name`` keeps before its next step (counted
         on the cycle). A recorded problem's step nobody reads is a plain step, and drops the
-        previous step's record."""
+        previous step's record; a push that then finds no record (its upper steps before the
+        lower in the cycle) takes exact DARTS at the current parameters."""
         k = self._steps_now.get(name, 0)
         self._steps_now[name] = k + 1
         readers = self._readers.get(name, [])
