@@ -122,12 +122,15 @@ def train_minutes(rd_summary: dict, rd: Path) -> float:
     return rd_summary["wall_time_seconds"] / 60
 
 
-def mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float], signed: bool = False) -> str:
+    """"m ± s" over seeds; ``signed`` for differences (+/−, and no "(1 seed)" tag: the paired
+    table has a seeds column of its own)."""
+    fmt = "+.2f" if signed else ".2f"
     if not xs:
         return "–"
     if len(xs) == 1:
-        return f"{xs[0]:.2f} (1 seed)"
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+        return f"{xs[0]:{fmt}}" + ("" if signed else " (1 seed)")
+    return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):.2f}"
 
 
 def report() -> str:
@@ -149,9 +152,8 @@ def report() -> str:
 
 
 def paired(rows: dict, metrics: dict, base: str = "mae_random") -> str:
-    """Each method minus ``base`` on the same seed (same data order, same initialisation of the
-    shared parts), mean ± std over the seeds both have finished, and the pretraining time ratio:
-    the comparison the study's goal is stated in."""
+    """Each method minus ``base`` on the same seed, mean ± std over the seeds both have
+    finished, and the pretraining time ratio: the comparison the study's goal is stated in."""
     by_seed = {r["seed"]: r for r in rows.get(base, [])}
     keys = [m for m in metrics if not m.endswith("_pixels_top1")]
     lines = [f"Difference from {base} on the same seed (points; time as a ratio):", "",
@@ -167,18 +169,11 @@ def paired(rows: dict, metrics: dict, base: str = "mae_random") -> str:
         for m in keys:
             ds = [r["eval"][m] - b["eval"][m] for r, b in pairs
                   if m in r.get("eval", {}) and m in b.get("eval", {})]
-            cells.append(signed(ds))
+            cells.append(mean_std(ds, signed=True))
         ratio = mean_std([r["train_minutes"] / b["train_minutes"] for r, b in pairs])
         lines.append(f"| {method} | {len(pairs)} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)
 
-
-def signed(xs: list[float]) -> str:
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{xs[0]:+.2f}"
-    return f"{statistics.mean(xs):+.2f} ± {statistics.stdev(xs):.2f}"
 
 
 def plots() -> list[Path]:
