@@ -182,3 +182,22 @@ def test_generator_loads_timm_vit_weights():
     assert set(result.missing_keys) == {n for n in gen.state_dict() if n.startswith("head.")}
     assert set(result.unexpected_keys) == {"norm.weight", "norm.bias"}
     assert torch.equal(gen.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+
+
+def test_centred_shared_masker_is_blind_to_a_common_shift():
+    """center=True: every image's logits average 0, and a constant added to every logit (here
+    through the output bias) changes no probability; uncentred, the same shift moves them all."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 49, 16, dtype=torch.float64)
+    for center in (True, False):
+        masker = SharedPatchMasker(embed_dim=16, hidden_dim=8, center=center).double()
+        before = masker(x)
+        with torch.no_grad():
+            masker.fc2.bias += 2.0
+        after = masker(x)
+        if center:
+            torch.testing.assert_close(masker.logits(x).mean(dim=1),
+                                       torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
+            torch.testing.assert_close(after, before, atol=1e-12, rtol=0)
+        else:
+            assert torch.all(after > before)

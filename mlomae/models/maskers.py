@@ -62,11 +62,17 @@ class SharedPatchMasker(nn.Module):
     Parameters do not grow with L. With ``depth = 0`` each patch is scored from its own embedding
     (plus its position, already in the embedding); blocks let a patch see the others first.
     Input and gradient conventions as ``PatchMLPMasker``.
+
+    ``center``: subtract each image's mean logit. One MLP scores every patch, so a shift of its
+    output moves every probability at once; that common shift is the lever the downstream
+    hypergradient found in the study (benchmarks/RESULTS.md). Centred, the logits of an image
+    average 0 and the masker can only rank patches against each other.
     """
 
     def __init__(self, embed_dim: int, hidden_dim: int, depth: int = 0, num_heads: int = 4,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0, center: bool = False):
         super().__init__()
+        self.center = center
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_norm)
             for _ in range(depth)])
@@ -80,7 +86,8 @@ class SharedPatchMasker(nn.Module):
         """[N, L, D] -> [N, L]."""
         for blk in self.blocks:
             x = blk(x)
-        return self.fc2(self.act(self.fc1(self.norm(x)))).squeeze(-1)   # [N, L, 1] -> [N, L]
+        logits = self.fc2(self.act(self.fc1(self.norm(x)))).squeeze(-1)   # [N, L, 1] -> [N, L]
+        return logits - logits.mean(dim=1, keepdim=True) if self.center else logits
 
     def forward(self, x: Tensor) -> Tensor:
         """Masking probabilities [N, L] in (0, 1)."""
