@@ -109,6 +109,7 @@ def test_quickstart_runs_end_to_end_and_writes_the_test_accuracy(tmp_path):
     overrides = ["trainer.steps=3", "data.batch_size=32", "data.splits.finetune=train[:640]",
                  "data.splits.mask=train[640:960]", "data.splits.test=test[:500]",
                  "evaluation=[{protocol: problem, problem: finetune, split: test}, "
+                 "{protocol: problem, problem: finetune, split: mask}, "
                  "{protocol: linear, max_iter: 50}]"]
     cfg = config.load(ROOT / "experiments" / "quickstart.yaml", overrides)
     runner = Runner(cfg, run_dir=tmp_path / "run", tracking=False)
@@ -122,6 +123,12 @@ def test_quickstart_runs_end_to_end_and_writes_the_test_accuracy(tmp_path):
     again = runner.built.problems["finetune"].evaluate(
         data.loader("test", 100, shuffle=False, drop_last=False).iter_epoch())
     assert acc == again["test_top1"] == summary["eval"]["test_top1"]
+    # the same head on the validation role: its own names, its own 320 images
+    on_mask = runner.built.problems["finetune"].evaluate(
+        data.loader("mask", 100, shuffle=False, drop_last=False).iter_epoch())
+    assert written["eval"]["mask_count"] == 320
+    assert written["eval"]["mask_top1"] == on_mask["test_top1"]
+    assert written["eval"]["mask_loss"] == on_mask["test_loss"]
     assert 0.0 <= written["eval"]["linear_top1"] <= 100.0
 
 

@@ -41,7 +41,8 @@ def protocol(name: str):
 
 @protocol("problem")
 def problem_protocol(built, spec: Mapping[str, Any], run_dir: Path, key: str) -> dict[str, Any]:
-    """``{protocol: problem, problem: NAME, split: test}``: the problem's own ``evaluate``."""
+    """``{protocol: problem, problem: NAME, split: test}``: the problem's own ``evaluate``, on
+    ``split`` (test by default; its metrics are named after the split)."""
     name = spec.get("problem")
     if name not in built.problems:
         raise ConfigError("names no declared problem", file=built.cfg.file, key=f"{key}.problem",
@@ -58,7 +59,12 @@ def problem_protocol(built, spec: Mapping[str, Any], run_dir: Path, key: str) ->
     # the whole split on every process (built.data.loader would give each rank its shard only)
     bs = spec.get("batch_size") or built.data.section.get("batch_size", 128)
     loader = loader_for(built, split, role_items(built, split), bs)
-    return dict(p.evaluate(loader.iter_epoch()))
+    out = dict(p.evaluate(loader.iter_epoch()))
+    # evaluate() names its metrics for the test split; on another split they carry that name
+    # (split: mask gives mask_top1, a validation number settings may be chosen on)
+    if split != "test":
+        out = {f"{split}_{k[5:]}" if k.startswith("test_") else k: v for k, v in out.items()}
+    return out
 
 
 # -- protocols on the encoder's features ----------------------------------------------------
