@@ -189,7 +189,7 @@ def plots() -> list[Path]:
     if not methods:
         return []
     metrics = STUDY["report_metrics"]
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(max(10.0, 1.4 * len(methods)), 4.6))
     width = 0.8 / len(metrics)
     for j, (key, label) in enumerate(metrics.items()):
         means, stds = [], []
@@ -200,7 +200,8 @@ def plots() -> list[Path]:
         ax.bar([i + j * width for i in range(len(methods))], means, width, yerr=stds,
                label=label, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))])
-    ax.set_xticklabels([f"{m}\n({len(rows[m])} seeds)" for m in methods])
+    ax.set_xticklabels([f"{m}\n({len(rows[m])} seed{'s' * (len(rows[m]) > 1)})" for m in methods],
+                       rotation=20, ha="right", fontsize=8)
     lo = min(r["eval"][k] for m in methods for r in rows[m] for k in metrics if k in r.get("eval", {}))
     ax.set_ylim(max(0.0, lo - 5), None)
     ax.set_ylabel("top-1 on test (%)")
@@ -213,11 +214,14 @@ def plots() -> list[Path]:
     heat = [(m, sorted((HERE / "runs").glob(f"{m}-s*/pictures/mask_heatmap.png"))) for m in methods]
     heat = [(m, ps[0]) for m, ps in heat if ps]
     if heat:
-        fig, axes = plt.subplots(1, len(heat), figsize=(3.2 * len(heat), 3.2))
-        for ax, (m, png) in zip(list(axes) if len(heat) > 1 else [axes], heat):
-            ax.imshow(plt.imread(png))
-            ax.set_title(f"{m} ({png.parts[-3]})", fontsize=9)
+        cols = min(5, len(heat))
+        rows_ = -(-len(heat) // cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 3.4 * rows_), squeeze=False)
+        for ax in axes.flat:
             ax.axis("off")
+        for ax, (m, png) in zip(axes.flat, heat):
+            ax.imshow(plt.imread(png))
+            ax.set_title(f"{m}\n({png.parts[-3]})", fontsize=9)
         fig.tight_layout()
         paths.append(out_dir / "mask_heatmaps.png")
         fig.savefig(paths[-1], dpi=110)
