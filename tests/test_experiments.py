@@ -128,7 +128,8 @@ def test_quickstart_runs_end_to_end_and_writes_the_test_accuracy(tmp_path):
         data.loader("mask", 100, shuffle=False, drop_last=False).iter_epoch())
     assert written["eval"]["mask_count"] == 320
     assert written["eval"]["mask_top1"] == on_mask["test_top1"]
-    assert written["eval"]["mask_loss"] == on_mask["test_loss"]
+    # per-batch float32 sums in another batching: equal to summation order
+    assert written["eval"]["mask_loss"] == pytest.approx(on_mask["test_loss"], rel=1e-6)
     assert 0.0 <= written["eval"]["linear_top1"] <= 100.0
 
 
