@@ -59,8 +59,8 @@ class Classification(Problem):
     @torch.no_grad()
     def evaluate(self, batches: Iterable) -> dict[str, float]:
         """Top-1 accuracy (percent) and cross-entropy of the head on ``batches``: for the
-        ``problem`` evaluation protocol (on the test split by default, when its ``test_`` names
-        become the split's), nothing else."""
+        ``problem`` evaluation protocol, nothing else. The keys are named for the test split;
+        the protocol renames them when it evaluates another one (``mask_top1``)."""
         head, was_training = self.module, self.module.training
         head.eval()   # BatchNorm heads: running statistics, and no update from test data
         correct, total, loss = 0, 0, 0.0
