@@ -175,7 +175,6 @@ def paired(rows: dict, metrics: dict, base: str = "mae_random") -> str:
     return "\n".join(lines)
 
 
-
 def plots() -> list[Path]:
     """benchmarks/study/plots/: accuracy per method (mean and std over seeds) and the mask heat
     maps of each method's first finished seed side by side."""
