@@ -19,6 +19,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
 	# test-only: 20 real CIFAR-10 and ImageNet images (foolbox's own dependencies not wanted)
 	$(PIP) install -q --no-deps foolbox==3.3.4
+	# test-only oracle: Betty 0.2.1 declares Python < 3.11; its own imports are torch and numpy
+	$(PIP) install -q --no-deps --ignore-requires-python betty-ml==0.2.1
 	touch $@
 
 install: $(VENV)/.installed

@@ -32,7 +32,6 @@ from mlomae.models.mae import MaskedAutoencoder
 from mlomae.models.maskers import PatchMLPMasker
 from mlomae.models.masking import prob_topk_masking, random_masking
 
-SECOND_ORDER = ("unroll", "neumann", "cg")
 
 
 @dataclass(frozen=True)
@@ -154,25 +153,31 @@ def build_mlomae(method: str, s: Sizes, state: dict, batches: dict, *, options: 
     from problems.finetune import Classification
     from problems.mask import MaskLearning
     from problems.pretrain import Reconstruction
+    from mlomae.build import choose_attention
     m, k, h = modules(s, state)
-    fused = (method not in SECOND_ORDER) if fused is None else fused
     pre = Reconstruction("pretrain", m, optimizer=adamw(m.parameters(), LR["pretrain"]),
                          data=Cycle(batches["pretrain"]), steps=s.pretrain_steps, reads=["mask"],
                          masking="mlo", mask_ratio=s.ratio, masker="mask",
-                         detach_masker_input=s.detach_masker_input, fused_attention=fused)
+                         detach_masker_input=s.detach_masker_input)
     ft = Classification("finetune", h, optimizer=adamw(h.parameters(), LR["finetune"]),
                         data=Cycle(batches["finetune"]), steps=s.finetune_steps,
                         reads=["pretrain"], encoder="pretrain", pool=s.pool)
     mk = MaskLearning("mask", k, optimizer=adamw(k.parameters(), LR["mask"]),
                       data=Cycle(batches["mask"]), reads=["pretrain", "finetune"],
-                      losses={"downstream": 1.0}, fused_attention=fused)
+                      losses={"downstream": 1.0})
     head_edge = dict(head_edge or {})
     head_method = head_edge.pop("method", method)
     deps = [Dependency("mask", "pretrain"), Dependency("finetune", "pretrain"),
             Dependency("mask", "finetune", method=head_method,
                        options=head_edge if head_method != method else {**(options or {}), **head_edge})]
-    return Engine([pre, ft, mk], deps, method=method, options=options or {},
-                  autocast_dtype=autocast)
+    eng = Engine([pre, ft, mk], deps, method=method, options=options or {},
+                 autocast_dtype=autocast)
+    if fused is None:   # the builder's choice: plain attention where a push differentiates twice
+        choose_attention(None, eng)
+    else:
+        for module in (m, k):
+            set_fused_attention(module, fused)
+    return eng
 
 
 def single_level(s: Sizes, state: dict, batches: list, fused: bool = True,
@@ -181,8 +186,8 @@ def single_level(s: Sizes, state: dict, batches: list, fused: bool = True,
     from problems.pretrain import Reconstruction
     m = modules(s, state)[0]
     pre = Reconstruction("pretrain", m, optimizer=adamw(m.parameters(), LR["pretrain"]),
-                         data=Cycle(batches), masking="random", mask_ratio=s.ratio,
-                         fused_attention=fused)
+                         data=Cycle(batches), masking="random", mask_ratio=s.ratio)
+    set_fused_attention(m, fused)
     return Engine([pre], autocast_dtype=autocast)
 
 
@@ -213,12 +218,12 @@ class BettyGraph:
         class Finetuning(ImplicitProblem):
             def training_step(self, batch):
                 imgs, y = batch
-                return F.cross_entropy(self.module(self.pretrain.module.forward_features(imgs, s.pool)), y)
+                return F.cross_entropy(self.module(self.pretrain.module.features(imgs, s.pool)), y)
 
         class Masking(ImplicitProblem):
             def training_step(self, batch):
                 imgs, y = batch
-                feats = self.pretrain.module.forward_features(imgs, s.pool)
+                feats = self.pretrain.module.features(imgs, s.pool)
                 return F.cross_entropy(self.finetune.module(feats), y)
 
         def cfg(steps):

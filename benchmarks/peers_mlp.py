@@ -10,6 +10,8 @@ Contenders per method:
   darts    mlomae, Betty
   neumann  mlomae, Betty                      (K=5, η = the lower lr 0.1)
   cg       mlomae, TorchOpt (custom_root + solve_cg), Betty   (K=5)
+  sama     mlomae, Betty                      (the lower trained by Adam, lr 1e-3: with SGD SAMA
+                                               is DARTS; α = 1, Betty's default)
 Before timing, every contender takes one outer step from the same state and the hypergradient it
 applies is compared with mlomae's. Betty's released CG is wrong: it is also checked against the
 closed form of a weighted least-squares problem (tests/bilevel.py), where exact CG is exact.
@@ -32,7 +34,14 @@ from mlomae.engine import Dependency, Engine, Problem
 
 N, D_IN, HIDDEN, CLASSES = 256, 128, 256, 10
 INNER_STEPS, LR, UPPER_LR, K = 5, 0.1, 0.1, 5
-METHODS = ["unroll", "darts", "neumann", "cg"]
+METHODS = ["unroll", "darts", "neumann", "cg", "sama"]
+# the lower's optimizer per method: SGD (lr 0.1), except Adam (lr 1e-3) for sama, which with
+# SGD would be darts
+LOWER_OPTIMIZER = {"sama": lambda params: torch.optim.Adam(params, lr=1e-3)}
+
+
+def lower_optimizer(method, params):
+    return LOWER_OPTIMIZER.get(method, lambda ps: torch.optim.SGD(ps, lr=LR))(params)
 
 
 # -- the task ---------------------------------------------------------------------------------
@@ -96,12 +105,12 @@ class Mlomae:
         net, w = mlp(), Logits(s0)
         net.load_state_dict(state)
         self.net, self.s = net, w.value
-        inner = self.Inner("inner", net, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
+        inner = self.Inner("inner", net, optimizer=lower_optimizer(method, net.parameters()),
                            data=Repeat(train), steps=INNER_STEPS, reads=["weights"])
         outer = self.Outer("weights", w, optimizer=torch.optim.SGD(w.parameters(), lr=UPPER_LR),
                            data=Repeat(val), reads=["inner"])
         opts = {"darts": {"alpha": 0.01}, "neumann": {"iters": K, "eta": LR},
-                "cg": {"iters": K}}.get(method, {})
+                "cg": {"iters": K}, "sama": {"alpha": 1.0}}.get(method, {})
         self.engine = Engine([inner, outer], [Dependency("weights", "inner")], method=method,
                              options=opts)
         self.box = common.grad_capture(outer.optimizer)
@@ -248,10 +257,10 @@ class Betty:
 
         inner_cfg = Config(type=method if not iterative else "darts", unroll_steps=INNER_STEPS,
                            darts_alpha=0.01, neumann_iterations=K, neumann_alpha=LR,
-                           cg_iterations=K, cg_alpha=1.0)
+                           cg_iterations=K, cg_alpha=1.0, sama_adam_alpha=1.0)
         outer_cfg = Config(retain_graph=True, first_order=not iterative)
         inner = Inner("inner", inner_cfg, module=net,
-                      optimizer=torch.optim.SGD(net.parameters(), lr=LR), train_data_loader=Repeat(train))
+                      optimizer=lower_optimizer(method, net.parameters()), train_data_loader=Repeat(train))
         outer = Outer("weights", outer_cfg, module=w,
                       optimizer=torch.optim.SGD(w.parameters(), lr=UPPER_LR), train_data_loader=Repeat(val))
         self.engine = BEngine(config=EngineConfig(train_iters=10**9, logger_type="none"),
@@ -270,6 +279,7 @@ CONTENDERS = {
     "darts": {"mlomae": Mlomae, "betty": Betty},
     "neumann": {"mlomae": Mlomae, "betty": Betty},
     "cg": {"mlomae": Mlomae, "torchopt": TorchOptCG, "betty": Betty},
+    "sama": {"mlomae": Mlomae, "betty": Betty},
 }
 
 
@@ -295,7 +305,7 @@ def betty_cg_closed_form() -> dict:
     theta = theta_star.clone().requires_grad_(True)
     v = torch.autograd.grad(((Xv @ theta - yv) ** 2).mean() / 2, theta)[0]
 
-    (ours,) = HG["cg"]([v], LowerLevel([theta], lambda: wls_inner(theta, s, X, y)), [s], iters=d)
+    (ours,) = HG["cg"](iters=d)([v], LowerLevel([theta], lambda: wls_inner(theta, s, X, y)), [s])
 
     curr = SimpleNamespace(config=SimpleNamespace(cg_iterations=d, cg_alpha=1.0), paths=[],
                            cur_batch=None, training_step_exec=lambda b: wls_inner(theta, s, X, y),

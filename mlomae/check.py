@@ -2,8 +2,9 @@
 
 For each upper problem with a hypergradient path and for each method, the experiment is built
 afresh from the same seed (same initial weights, same batches, same masks), the schedule runs
-up to that problem's first step, and its gradient is computed without stepping. ``unroll`` is
-the reference: it differentiates through exactly the lower steps that were taken.
+up to that problem's first step, and its gradient is computed without stepping. The reference
+is the method that declares itself one (``Method.reference``: ``unroll``), which differentiates
+through exactly the lower steps that were taken.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import Config
-from .hypergrad import METHODS
+from .hypergrad import DEFAULT, METHODS
 
 
 class PeakMemory:
@@ -68,7 +69,7 @@ def with_method(cfg: Config, method: str) -> Config:
     data = copy.deepcopy(cfg.data)
     hg = data["hypergrad"]
     opts = {k: v for k, v in hg.items() if k != "method" and k not in METHODS} \
-        if hg.get("method", "darts") == method else {}
+        if hg.get("method", DEFAULT) == method else {}
     blocks = {m: hg[m] for m in METHODS if isinstance(hg.get(m), dict)}
     data["hypergrad"] = {"method": method, **blocks, **opts}
     for d in data["dependencies"]:
@@ -83,19 +84,20 @@ def _flat(ts: Sequence[torch.Tensor]) -> torch.Tensor:
 def check_hypergrad(cfg: Config, methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from .build import build, build_graph
     from .errors import ConfigError
-    methods = list(methods or [m for m in METHODS if m != "unroll"])
+    reference = next(name for name, cls in METHODS.items() if cls.reference)
+    methods = list(methods or [m for m in METHODS if m != reference])
     for m in methods:
         if m not in METHODS:
             raise ConfigError("unknown hypergradient method", key="--methods", value=m,
                               hint="known: " + ", ".join(METHODS))
-    uppers = list(build_graph(with_method(cfg, "unroll")).plans)
+    uppers = list(build_graph(with_method(cfg, reference)).plans)
     if not uppers:
         raise ConfigError("no problem's gradient flows through a lower problem: nothing to check",
                           file=cfg.file, key="dependencies")
     rows: list[dict[str, Any]] = []
     for upper in uppers:
         ref = None
-        for method in ["unroll"] + [m for m in methods if m != "unroll"]:
+        for method in [reference] + [m for m in methods if m != reference]:
             built = build(with_method(cfg, method))
             eng = built.engine
             t0 = time.perf_counter()
@@ -128,5 +130,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['upper']:<12} {r['method']:<12} {f(r['cosine'], '8.4f')} "
                      f"{f(r['rel_error'], '9.2e')} {f(r['norm'], '10.3e')} {r['lower_seconds']:8.3f} "
                      f"{r['hypergrad_seconds']:8.3f} {r['peak_mb']:8.1f}")
-    lines.append("reference: unroll (exact reverse mode through the lower steps taken)")
+    ref = next(name for name, cls in METHODS.items() if cls.reference)
+    lines.append(f"reference: {ref} (exact reverse mode through the lower steps taken)")
     return "\n".join(lines)

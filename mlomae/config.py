@@ -196,7 +196,7 @@ def apply_override(data: dict[str, Any], item: str, file: str) -> None:
 
 def _schema_key(key: str) -> bool:
     """Keys the schema knows may be set by an override even where the file leaves them out."""
-    from .hypergrad import METHODS, OPTIONS
+    from .hypergrad import METHODS
     parts = key.split(".")
     if len(parts) == 1:
         return parts[0] in TOP_KEYS
@@ -206,7 +206,7 @@ def _schema_key(key: str) -> bool:
     if parts[0] == "hypergrad":
         if len(parts) == 2:
             return parts[1] == "method" or parts[1] in METHODS
-        return len(parts) == 3 and parts[1] in METHODS and parts[2] in OPTIONS[parts[1]]
+        return len(parts) == 3 and parts[1] in METHODS and parts[2] in METHODS[parts[1]].options()
     return False
 
 

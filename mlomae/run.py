@@ -122,8 +122,8 @@ class Runner:
         checkpoint.set_rng_state(state["rng"])
         self.metrics_state = state.get("metrics")
         if self.rank:  # the checkpoint holds rank 0's random state; the others take their own
-            from .build import seed_everything
-            seed_everything(self.cfg["seed"] + 7919 * self.rank + self.engine.outer_step)
+            from .build import rank_seed, seed_everything
+            seed_everything(rank_seed(self.cfg["seed"], self.rank, self.engine.outer_step))
         self.wall_before = float(state.get("wall_time", 0.0))
         if self.main:
             self.run_dir.open_metrics(truncate_to=int(state["metrics_lines"]))

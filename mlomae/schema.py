@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import did_you_mean
+from .hypergrad import DEFAULT
 
 if TYPE_CHECKING:
     from .config import Config
@@ -45,6 +46,7 @@ PROBLEM_KEYS: dict[str, tuple[Any, Any]] = {
     "grad_clip": ((int, float), None),
     "reads": (list, []),
     "batch_size": (int, None),
+    "fused_attention": ((bool, str), "auto"),
     "args": (dict, {}),
 }
 DEPENDENCY_KEYS: dict[str, tuple[Any, Any]] = {
@@ -123,7 +125,7 @@ def validate(cfg: Config) -> None:
         d["tracking"]["experiment"] = d["name"]
 
     _validate_hypergrad(cfg, d.get("hypergrad"), "hypergrad", top=True)
-    d.setdefault("hypergrad", {"method": "darts"})
+    d.setdefault("hypergrad", {"method": DEFAULT})
 
     models = d.get("models") or {}
     if not isinstance(models, dict):
@@ -158,6 +160,9 @@ def validate(cfg: Config) -> None:
             if r not in problems:
                 raise cfg.error("names no declared problem" + did_you_mean(r, problems),
                                 key=f"{key}.reads", value=r)
+        if spec["fused_attention"] not in (True, False, "auto"):
+            raise cfg.error("must be true, false or auto", key=f"{key}.fused_attention",
+                            value=spec["fused_attention"])
         if spec["grad_clip"] is not None and spec["grad_clip"] <= 0:
             raise cfg.error("must be positive", key=f"{key}.grad_clip", value=spec["grad_clip"])
         if spec["optimizer"] is not None:
@@ -192,49 +197,59 @@ def validate(cfg: Config) -> None:
 def _validate_hypergrad(cfg: Config, node: Any, key: str, top: bool = False) -> None:
     """``{method: cg, iters: 5}``: options beside ``method`` belong to that method; a block
     named after a method (``darts: {alpha: 0.02}``) sets that method's options wherever it is
-    used, so sweeping ``hypergrad.method`` keeps every method's settings."""
-    from .hypergrad import METHODS, OPTIONS
+    used, so sweeping ``hypergrad.method`` keeps every method's settings. Each is checked by
+    constructing the method (its fields are its options)."""
+    from .hypergrad import METHODS
     if node is None:
         return
     if not isinstance(node, dict):
         raise cfg.error("must be a mapping like {method: darts, alpha: 0.01}", key=key, value=node)
-    method = node.get("method", "darts" if top else None)
+    method = node.get("method", DEFAULT if top else None)
     if method is not None and method not in METHODS:
         raise cfg.error("unknown hypergradient method" + did_you_mean(method, METHODS),
                         key=f"{key}.method", value=method, hint="known: " + ", ".join(METHODS))
     for k, v in node.items():
-        if k == "method":
-            continue
+        if k in METHODS and not isinstance(v, dict):
+            raise cfg.error(f"options of '{k}' must be a mapping", key=f"{key}.{k}", value=v)
         if k in METHODS:
-            if not isinstance(v, dict):
-                raise cfg.error(f"options of '{k}' must be a mapping", key=f"{key}.{k}", value=v)
-            for ok, ov in v.items():
-                _check_option(cfg, k, ok, ov, f"{key}.{k}.{ok}", set(OPTIONS[k]))
-            continue
-        allowed = set(OPTIONS.get(method or "darts", {}))
-        if method is None:
-            allowed = {o for opts in OPTIONS.values() for o in opts}
-        _check_option(cfg, method, k, v, f"{key}.{k}", allowed)
+            _construct(cfg, k, v, f"{key}.{k}")
+    flat = {k: v for k, v in node.items() if k != "method" and k not in METHODS}
+    if method is not None:
+        _construct(cfg, method, flat, key)
+        return
+    # a dependency's options without a method apply to whichever method it ends up with
+    for k, v in flat.items():
+        owners = [m for m, cls in METHODS.items() if k in cls.options()]
+        if not owners:
+            allowed = {o for cls in METHODS.values() for o in cls.options()}
+            raise cfg.error("not an option of any method" + did_you_mean(k, allowed | set(METHODS)),
+                            key=f"{key}.{k}", value=v, hint="options: " + ", ".join(sorted(allowed)))
+        for m in owners:
+            _construct(cfg, m, {k: v}, key)
 
 
-def _check_option(cfg: Config, method: str | None, k: str, v: Any, key: str, allowed: set) -> None:
-    from .hypergrad import METHODS
-    if k not in allowed:
-        raise cfg.error(f"not an option of '{method}'" + did_you_mean(k, allowed | set(METHODS)),
-                        key=key, value=v,
-                        hint=("options: " + ", ".join(sorted(allowed))) if allowed else
-                        f"'{method}' takes no options")
-    if k == "iters" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-        raise cfg.error("must be a positive integer", key=key, value=v)
-    if k in ("alpha", "eta", "tol", "scale") and v is not None and (
-            not isinstance(v, (int, float)) or isinstance(v, bool) or (v <= 0 and k != "tol")):
-        raise cfg.error("must be a positive number", key=key, value=v)
+def _construct(cfg: Config, method: str, options: Mapping[str, Any], key: str) -> None:
+    """Build ``method`` with ``options``; a bad option is a ConfigError at ``key.option``."""
+    from .hypergrad import METHODS, OptionError, make
+    try:
+        make(method, options)
+    except OptionError as e:
+        if e.option is None:
+            raise cfg.error(e.detail, key=key) from None   # not reached: names are checked first
+        known = set(METHODS[method].options())
+        hint = None
+        if e.option not in known:
+            detail = f"not an option of '{method}'" + did_you_mean(e.option, known | set(METHODS))
+            hint = ("options: " + ", ".join(sorted(known))) if known else f"'{method}' takes no options"
+        else:
+            detail = e.detail
+        raise cfg.error(detail, key=f"{key}.{e.option}", value=e.value, hint=hint) from None
 
 
 def hypergrad_options(node: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
     """(method, its flat options, options per method) from a validated hypergrad mapping."""
     from .hypergrad import METHODS
-    method = node.get("method", "darts")
+    method = node.get("method", DEFAULT)
     flat = {k: v for k, v in node.items() if k != "method" and k not in METHODS}
     per = {m: dict(node.get(m) or {}) for m in METHODS}
     return method, flat, per

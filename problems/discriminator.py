@@ -20,6 +20,7 @@ from mlomae.engine import Problem
 from mlomae.models.discriminator import lsgan_d_loss
 from mlomae.models.masking import random_rect_masks
 
+from .interfaces import MaskGenerator
 from .pretrain import split_batch
 
 
@@ -39,6 +40,9 @@ class Discriminator(Problem):
         if len(aspect) != 2 or not 0 < aspect[0] <= aspect[1]:
             raise ValueError(f"aspect must be [low, high] with 0 < low <= high (got {aspect!r})")
         self.generator, self.aspect = generator, (float(aspect[0]), float(aspect[1]))
+
+    def needs(self) -> dict[str, type]:
+        return {self.generator: MaskGenerator}
 
     def fake_and_real(self, imgs: Tensor) -> tuple[Tensor, Tensor]:
         """Generated masks [N, L] (detached) and real rectangles [N, gh, gw] of the same count."""

@@ -21,7 +21,7 @@ POOLS = ("cls", "mean")
 
 
 class Classification(Problem):
-    """Cross-entropy of ``head(encoder.forward_features(x, pool))`` on labeled data.
+    """Cross-entropy of ``head(encoder.features(x, pool))`` on labeled data.
 
     YAML options: ``encoder`` (the problem whose module is the MAE, default ``pretrain``; must be
     in ``reads``), ``pool`` (``mean`` of the patch tokens or the ``cls`` token, default mean),
@@ -45,7 +45,7 @@ class Classification(Problem):
 
     def features(self, imgs: Tensor) -> Tensor:
         """Pooled encoder features [N, D] of unmasked images."""
-        return self.read(self.encoder).forward_features(imgs, self.pool)
+        return self.read(self.encoder).features(imgs, self.pool)
 
     def logits(self, imgs: Tensor) -> Tensor:
         return self.module(self.features(imgs))                   # [N, classes]

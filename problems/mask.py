@@ -6,8 +6,9 @@
 
 Only the last two depend on the masker directly; the downstream term reaches it only through the
 hypergradient the engine pushes down through the head and the MAE. The masks are made by the
-pretraining problem's ``MaskingSpec`` with *this* problem's module as the masker, so the mask
-level and the pretraining level always mask the same way.
+pretraining problem (``masks_with``) with *this* problem's module as the masker, so the mask
+level and the pretraining level always mask the same way; the downstream term asks the
+fine-tune problem for its logits. Both are declared in ``needs()``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from mlomae.engine import Problem
 from mlomae.models.discriminator import lsgan_g_loss
 from mlomae.models.masking import Masking
 
-from .pretrain import configure_attention, split_batch
+from .interfaces import Classifier, MaskMaker
+from .pretrain import split_batch
 
 TERMS = ("downstream", "adversarial", "reconstruction")
 
@@ -31,19 +33,16 @@ class MaskLearning(Problem):
     """YAML options: ``losses: {downstream: 1.0, adversarial: 0.0, reconstruction: 0.0}`` (the
     weights; a term with weight 0 is not computed), ``pretrain`` / ``finetune`` /
     ``discriminator`` (problem names, default pretrain / finetune / disc; each term's problems
-    must be in ``reads``), ``fused_attention`` (auto) for a ViT masker.
+    must be in ``reads``). Offers ``generate`` (``problems.interfaces.MaskGenerator``).
 
     AutoMAE's generator loss is ``reconstruction: 1.0, adversarial: 0.2``; MLO-MAE's is
     ``downstream: 1.0``. The weights multiply the terms as they are (nothing is normalised), so
     AutoMAE's 0.2 is a ratio to the reconstruction term's weight.
     """
 
-    wants_context = True
-
     def __init__(self, *args, losses: Mapping[str, float] | None = None,
                  pretrain: str = "pretrain", finetune: str = "finetune",
-                 discriminator: str = "disc", fused_attention: Any = "auto",
-                 context: Mapping[str, Any] | None = None, **kwargs):
+                 discriminator: str = "disc", **kwargs):
         super().__init__(*args, **kwargs)
         weights = {"downstream": 1.0, "adversarial": 0.0, "reconstruction": 0.0}
         for k, v in (losses or {}).items():
@@ -65,24 +64,22 @@ class MaskLearning(Problem):
             if name not in self.reads:
                 raise ValueError(f"problem '{self.name}' reads '{name}' ({why}): add it to "
                                  f"problems.{self.name}.reads")
-        self.fused_attention = configure_attention(self.module, fused_attention, context,
-                                                   owner=self.name)
+
+    def needs(self) -> dict[str, type]:
+        needs: dict[str, type] = {self.pretrain: MaskMaker}
+        if self.weights["downstream"]:
+            needs[self.finetune] = Classifier
+        return needs
 
     def generate(self, imgs: Tensor) -> Masking:
         """This masker's masks for ``imgs``, made as the pretraining problem makes them."""
-        spec = self.peer(self.pretrain).spec
-        if not spec.learned:
-            raise ValueError(f"problem '{self.pretrain}' masks with '{spec.mode}', which no "
-                             f"masker decides: use masking mlo or gumbel")
-        return spec.make(imgs, self.read(self.pretrain), self.module)
+        return self.peer(self.pretrain).masks_with(imgs, self.module)
 
     def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         imgs, labels, _ = split_batch(batch)
         w, logs, total = self.weights, {}, 0.0
         if w["downstream"]:
-            head = self.read(self.finetune)
-            pool = self.peer(self.finetune).pool
-            logits = head(self.read(self.pretrain).forward_features(imgs, pool))
+            logits = self.peer(self.finetune).logits(imgs)
             ce = F.cross_entropy(logits, labels)
             total = total + w["downstream"] * ce
             logs["downstream"] = ce.detach()

@@ -16,111 +16,27 @@ Masking modes (``masking:`` in a ``Reconstruction`` entry):
 In the learned modes the masker is the module of the problem named ``masker`` (default ``mask``),
 read through the engine, so unrolled steps and finite differences see the masker they perturb.
 ``MaskingSpec.make`` is the one function that turns (images, MAE, masker) into a ``Masking``; the
-mask level and the discriminator call it with *their own* view of the masker.
+mask level and the discriminator reach it through ``Reconstruction.masks_with`` with *their own*
+view of the masker (the ``MaskMaker`` interface).
+
+Attention: a second-order push through this level differentiates the MAE twice, which timm's
+fused CPU attention cannot; the builder switches the module (the ``fused_attention`` key).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mlomae.engine import Problem
-from mlomae.models.attention import set_fused_attention
 from mlomae.models.masking import (Masking, foreground_boxes, gumbel_topk_masking, num_learned,
                                    num_masked, object_prior_masking, prob_topk_masking,
                                    random_masking)
 
 MODES = ("random", "object_prior", "mlo", "gumbel")
-SECOND_ORDER = ("unroll", "neumann", "cg", "darts_exact")
-
-
-# -- attention kernel ---------------------------------------------------------------------------
-
-def methods_in_use(config: Any) -> set[str]:
-    """Every hypergradient method an experiment names: the default and each dependency's."""
-    if config is None:
-        return set()
-    top = config.get("hypergrad") or {}
-    methods = {top.get("method", "darts")}
-    # darts with exact: true differentiates twice as well ("darts_exact")
-    if (top.get("darts") or {}).get("exact") or (top.get("method", "darts") == "darts" and top.get("exact")):
-        methods.add("darts_exact")
-    for dep in config.get("dependencies") or []:
-        hg = dep.get("hypergrad") or {}
-        if hg.get("method"):
-            methods.add(hg["method"])
-        if hg.get("exact") or (hg.get("darts") or {}).get("exact"):
-            methods.add("darts_exact")
-    return methods
-
-
-def _edge_is_second_order(top: Mapping[str, Any], hg: Mapping[str, Any]) -> bool:
-    """Whether a dependency's push differentiates its lower loss twice."""
-    method = hg.get("method") or top.get("method", "darts")
-    if method in ("unroll", "neumann", "cg"):
-        return True
-    if method != "darts":
-        return False
-    return bool(hg.get("exact") or (hg.get("darts") or {}).get("exact")
-                or (top.get("darts") or {}).get("exact")
-                or (top.get("method", "darts") == "darts" and top.get("exact")))
-
-
-def second_order_through(config: Any, owner: str) -> bool:
-    """Whether some push differentiates twice through the module of problem ``owner``: a
-    second-order dependency whose lower problem is ``owner``, or whose lower problem reads
-    ``owner`` and may take second derivatives through what it reads. A problem class that only
-    puts its own parameters on top of what it reads (a head on an encoder: ``first_order_reads =
-    True``) differentiates the read modules once, whatever the method."""
-    from mlomae.components import locate
-    top = config.get("hypergrad") or {}
-    specs = config.get("problems") or {}
-    for dep in config.get("dependencies") or []:
-        if not _edge_is_second_order(top, dep.get("hypergrad") or {}):
-            continue
-        lower = dep.get("lower")
-        if lower == owner:
-            return True
-        spec = specs.get(lower) or {}
-        if owner in (spec.get("reads") or []):
-            target = spec.get("target")
-            cls = locate(target) if isinstance(target, str) else None
-            if not getattr(cls, "first_order_reads", False):
-                return True
-    return False
-
-
-def configure_attention(module: nn.Module, setting: Any, context: Mapping[str, Any] | None,
-                        owner: str | None = None) -> bool:
-    """Switch timm's fused attention in ``module``; returns whether it stays fused.
-
-    ``setting``: ``true`` / ``false``, or ``auto``: fused unless a second-order push (unroll,
-    neumann, cg, darts with ``exact``) differentiates twice through the module of problem
-    ``owner`` (:func:`second_order_through`; without ``owner``, unless the experiment uses such a
-    method anywhere), since the CPU kernel of fused attention has no double backward. Measured on
-    this machine's 2 CPU cores (Fashion-MNIST MAE: embed 128, depth 4, batch 128; medians of 20
-    interleaved runs): a masked pretraining step 104 ms fused vs 108 ms plain, an unmasked
-    50-token forward + backward (the head's features) 201 vs 217 ms. Plain attention costs 4-8%
-    here, and more on a GPU at 197 tokens, so it is used only when needed. Without a context (a
-    problem built by hand) ``auto`` means not fused, the safe side.
-    """
-    if setting in (True, False):
-        fused = bool(setting)
-    elif setting == "auto":
-        config = None if context is None else context.get("config")
-        if config is None:
-            fused = False
-        elif owner is None:
-            fused = not (methods_in_use(config) & set(SECOND_ORDER))
-        else:
-            fused = not second_order_through(config, owner)
-    else:
-        raise ValueError(f"fused_attention must be true, false or auto (got {setting!r})")
-    set_fused_attention(module, fused)
-    return fused
 
 
 # -- masking ----------------------------------------------------------------------------------
@@ -236,20 +152,17 @@ class Reconstruction(Problem):
     ``tau``, ``learned_fraction`` (gumbel; in mlo the share a discriminator judges),
     ``detach_masker_input`` (true), ``masker_input``
     (auto), ``weighting`` (mlo: ``probability``, MLO-MAE's, or ``normalized``, the masked
-    patches' weights divided by their mean probability), ``fused_attention`` (auto). The module
-    is a ``MaskedAutoencoder``.
+    patches' weights divided by their mean probability). The module is a
+    ``MaskedAutoencoder``. Offers ``masks_with`` (``problems.interfaces.MaskMaker``).
     """
 
     augment = True
-    wants_context = True
 
     def __init__(self, *args, masking: str = "random", mask_ratio: float = 0.75,
                  masker: str = "mask", beta: float = 0.5, box_threshold: float = 0.5,
                  background: str = "border", tau: float = 1.0, learned_fraction: float = 1 / 3,
                  detach_masker_input: bool = True, masker_input: str = "auto",
-                 weighting: str = "probability",
-                 fused_attention: Any = "auto", context: Mapping[str, Any] | None = None,
-                 **kwargs):
+                 weighting: str = "probability", **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = MaskingSpec(masking, mask_ratio, beta, box_threshold, background, tau,
                                 learned_fraction, bool(detach_masker_input), masker_input,
@@ -258,10 +171,16 @@ class Reconstruction(Problem):
         if self.spec.learned and masker not in self.reads:
             raise ValueError(f"masking '{masking}' reads the masker of problem '{masker}': add "
                              f"it to problems.{self.name}.reads")
-        self.fused_attention = configure_attention(self.module, fused_attention, context,
-                                                   owner=self.name)
 
-    # -- what the pictures code calls -------------------------------------------------------
+    # -- what other levels and the pictures code call -------------------------------------
+    def masks_with(self, imgs: Tensor, masker: nn.Module) -> Masking:
+        """The masks this problem would train on for ``imgs`` if ``masker`` were its masker
+        (``MaskMaker``): the mask level and a discriminator pass their own view of it."""
+        if not self.spec.learned:
+            raise ValueError(f"problem '{self.name}' masks with '{self.spec.mode}', which no "
+                             f"masker decides: use masking mlo or gumbel")
+        return self.spec.make(imgs, self.module, masker)
+
     def masking_for(self, imgs: Tensor, boxes: Tensor | None = None) -> Masking:
         """The masks this problem would train on for ``imgs`` [N, C, H, W] (same mode, same
         masker); wrap in ``torch.no_grad()`` when only looking."""

@@ -221,9 +221,9 @@ def test_darts_chain_matches_formula_composition():
     F = ((Xm @ (c + 0.5 * e) - ym) ** 2).mean() / 2
     vc, ve = torch.autograd.grad(F, [c, e])
     ft = LowerLevel([c], lambda: ((Xf @ (c + e) - yf) ** 2).mean() / 2 + 0.05 * (c ** 2).sum())
-    (to_e,) = METHODS["darts"]([vc], ft, [e], alpha=0.01)
+    (to_e,) = METHODS["darts"](alpha=0.01)([vc], ft, [e])
     pre = LowerLevel([e], lambda: wls_inner(e, t, Xp, yp))
-    (to_t,) = METHODS["darts"]([ve + to_e], pre, [t], alpha=0.01)
+    (to_t,) = METHODS["darts"](alpha=0.01)([ve + to_e], pre, [t])
     assert rel(hyper[0], to_t) < 1e-10
 
 
@@ -237,7 +237,7 @@ def test_recorded_exact_darts_equals_one_step_unroll():
     got_eng, _ = ridge_engine("darts", 1, opt="plain_sgd", lr=lr,
                               options={"exact": True, "scale": lr})
     ref_eng, _ = ridge_engine("unroll", 1, opt="plain_sgd", lr=lr)
-    assert got_eng.recorded == {"lower"} and ref_eng.recorded == set()
+    assert got_eng.graph.recorded() == {"lower"} and ref_eng.graph.recorded() == set()
     for eng in (got_eng, ref_eng):
         eng.prefix("hyper")
     _, d_got, h_got = got_eng.gradient("hyper")
@@ -274,13 +274,15 @@ def test_edge_option_block_follows_the_edge_whatever_its_method():
     """`{upper: mask, lower: finetune, hypergrad: {darts: {exact: true}}}`: exact on that edge
     while the method is darts; a sweep that swaps the default method drops it there."""
     from mlomae.engine.graph import Graph
+    from mlomae.hypergrad.cg import CG
+    from mlomae.hypergrad.darts import Darts
     reads = {"pretrain": ["mask"], "finetune": ["pretrain"], "mask": ["pretrain", "finetune"]}
     deps = [Dependency("mask", "pretrain"), Dependency("finetune", "pretrain"),
             Dependency("mask", "finetune", method_options={"darts": {"exact": True}})]
     steps = {"pretrain": 2, "finetune": 1, "mask": 1}
     g = Graph(steps, reads, deps, default_method="darts", default_options={"alpha": 0.02})
-    assert g.plans["mask"].methods == {"finetune": ("darts", {"alpha": 0.02, "exact": True}),
-                                       "pretrain": ("darts", {"alpha": 0.02})}
+    assert g.plans["mask"].methods == {"finetune": Darts(alpha=0.02, exact=True),
+                                       "pretrain": Darts(alpha=0.02)}
     assert g.recorded() == {"finetune"}
     # the mask step reads the fine-tune step's record; nothing reads the pretraining steps
     cycle = ["pretrain", "pretrain", "finetune", "mask"]
@@ -288,8 +290,7 @@ def test_edge_option_block_follows_the_edge_whatever_its_method():
     g = Graph(steps, reads, deps, default_method="unroll")
     assert g.step_readers(cycle) == {"finetune": [1], "pretrain": [0, 1]}
     g = Graph(steps, reads, deps, default_method="cg", default_options={"iters": 3})
-    assert g.plans["mask"].methods == {"finetune": ("cg", {"iters": 3}),
-                                       "pretrain": ("cg", {"iters": 3})}
+    assert g.plans["mask"].methods == {"finetune": CG(iters=3), "pretrain": CG(iters=3)}
     assert g.recorded() == set()
 
 
@@ -326,7 +327,7 @@ def test_two_uppers_on_one_recorded_lower_each_get_their_own_point():
     reads the lower's real parameters after the step, not the step's records)."""
     lr = 0.1
     eng, a, b = two_uppers("darts", {"exact": True, "scale": lr}, "darts", lr=lr)
-    assert eng.recorded == {"lower"}
+    assert eng.graph.recorded() == {"lower"}
     _, a_unroll, _ = two_uppers("unroll", {}, "darts", lr=lr)
     _, _, b_fd = two_uppers("darts", {}, "darts", lr=lr)
     a0, b0 = torch.zeros(5, dtype=DT), torch.full((5,), 0.3, dtype=DT)

@@ -217,14 +217,14 @@ def test_export_round_trip_matches_features(run, tmp_path):
     mae = built.models["mae"].eval()
     x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(vit(x), mae.forward_features(x, "cls"), rtol=0, atol=1e-6)
-        torch.testing.assert_close(load_timm(out)(x), mae.forward_features(x, "cls"), rtol=0, atol=1e-6)
+        torch.testing.assert_close(vit(x), mae.features(x, "cls"), rtol=0, atol=1e-6)
+        torch.testing.assert_close(load_timm(out)(x), mae.features(x, "cls"), rtol=0, atol=1e-6)
     # mean pooling exports as global_pool='avg' without fc_norm
     from mlomae.eval.export import export_timm
     export_timm(mae, tmp_path / "mean.safetensors", pool="mean")
     with torch.no_grad():
         torch.testing.assert_close(load_timm(tmp_path / "mean.safetensors")(x),
-                                   mae.forward_features(x, "mean"), rtol=0, atol=1e-6)
+                                   mae.features(x, "mean"), rtol=0, atol=1e-6)
 
 
 def test_user_errors_exit_2_with_a_message(run, tmp_path, capsys):

@@ -8,13 +8,12 @@ import torch
 from bilevel import Const, Vector
 from mlomae.engine import Dependency, Engine, Graph, Problem
 from mlomae.errors import GraphError
-
-METHODS = ["unroll", "darts", "neumann", "cg", "first_order"]
-
+from mlomae.hypergrad.darts import Darts
+from mlomae.hypergrad.neumann import Neumann
 
 def graph(steps, deps, reads=None, method="darts"):
     return Graph(steps, reads or {}, [Dependency(*d) if isinstance(d, tuple) else d for d in deps],
-                 default_method=method, known_methods=METHODS)
+                 default_method=method)
 
 
 # Each table is one period: leaves tick in declaration order, an upper steps once every
@@ -86,6 +85,6 @@ def test_per_dependency_method_override():
                ("finetune", "pretrain"), ("mask", "finetune")],
               reads={"pretrain": ["mask"], "finetune": ["pretrain"], "mask": ["finetune", "pretrain"]})
     plan = g.plans["mask"]
-    assert plan.methods == {"pretrain": ("neumann", {"iters": 3}), "finetune": ("darts", {})}
+    assert plan.methods == {"pretrain": Neumann(iters=3), "finetune": Darts()}
     assert plan.order == ["finetune", "pretrain"]
     assert g.unrolled() == set()

@@ -43,7 +43,7 @@ def wls_case(seed=0, n=60, d=4):
 def test_cg_converges_to_ift(case):
     """CG in d iterations solves the d-dimensional system exactly (up to rounding)."""
     lower, v, lam, exact, _ = case()
-    (got,) = METHODS["cg"](v, lower, [lam], iters=20, tol=0.0)
+    (got,) = METHODS["cg"](iters=20, tol=0.0)(v, lower, [lam])
     assert rel(got, exact) < 1e-6
 
 
@@ -52,7 +52,7 @@ def test_neumann_converges_to_ift(case):
     """With η < 2/λ_max(H) the series converges geometrically to H⁻¹v."""
     lower, v, lam, exact, Hm = case()
     eta = 1.0 / float(torch.linalg.eigvalsh(Hm).max())
-    (got,) = METHODS["neumann"](v, lower, [lam], iters=3000, eta=eta)
+    (got,) = METHODS["neumann"](iters=3000, eta=eta)(v, lower, [lam])
     assert rel(got, exact) < 1e-6
 
 
@@ -65,7 +65,7 @@ def test_neumann_k_terms_formula():
     w = eta * sum(torch.linalg.matrix_power(I - eta * Hm, k) for k in range(K + 1)) @ v[0]
     # −(∂²f/∂λ∂θ) w with ∂²f/∂λ_j∂θ_k = δ_jk e^{λ_j} θ_j
     expected = -(lam.detach().exp() * theta.detach()) * w
-    (got,) = METHODS["neumann"](v, lower, [lam], iters=K, eta=eta)
+    (got,) = METHODS["neumann"](iters=K, eta=eta)(v, lower, [lam])
     assert rel(got, expected) < 1e-12
 
 
@@ -79,7 +79,7 @@ def test_darts_equals_its_formula_by_hand():
     gp = 0.5 * lam.detach().exp() * (theta + eps * v[0]) ** 2
     gm = 0.5 * lam.detach().exp() * (theta - eps * v[0]) ** 2
     expected = -(gp - gm) / (2 * eps)
-    (got,) = METHODS["darts"](v, lower, [lam], alpha=alpha)
+    (got,) = METHODS["darts"](alpha=alpha)(v, lower, [lam])
     assert rel(got, expected) < 1e-10
     # θ is restored exactly
     assert torch.equal(lower.params[0].detach(), theta)
@@ -89,7 +89,7 @@ def test_darts_equals_its_formula_by_hand():
 
 def test_first_order_drops_the_implicit_term():
     lower, v, lam, _, _ = ridge_case()
-    assert METHODS["first_order"](v, lower, [lam]) == [None]
+    assert METHODS["first_order"]()(v, lower, [lam]) == [None]
 
 
 def test_cg_solver_matches_torchopt():
@@ -114,5 +114,5 @@ def test_cg_hypergrad_matches_torchopt_solve_cg():
     solver = torchopt.linear_solve.solve_cg(maxiter=3, rtol=0.0, atol=0.0)
     w = solver(lambda x: Hm @ x, v[0])
     expected = -(lam.detach().exp() * theta.detach()) * w
-    (got,) = METHODS["cg"](v, lower, [lam], iters=3, tol=0.0)
+    (got,) = METHODS["cg"](iters=3, tol=0.0)(v, lower, [lam])
     assert rel(got, expected) < 1e-9

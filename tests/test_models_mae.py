@@ -122,19 +122,25 @@ def test_patch_loss_normalised_pixels():
         assert math.isclose(loss[0, 0].item(), expected, rel_tol=1e-6)
 
 
-def test_forward_features_pools():
-    """'mean' is the average of the final patch tokens; bad pool names raise."""
+def test_features_pool_the_tokens_of_forward_features():
+    """forward_features gives every token [N, 1 + 49, D] (timm's meaning); features pools them:
+    'cls' is token 0, 'mean' the average of the 49 patch tokens; bad pool names raise."""
     m = _model(**SMALL).eval()
     imgs = torch.randn(2, 1, 28, 28)
-    assert m.forward_features(imgs, "cls").shape == (2, 32)
-    assert m.forward_features(imgs, "mean").shape == (2, 32)
+    with torch.no_grad():
+        tokens = m.forward_features(imgs)
+        assert tokens.shape == (2, 50, 32)
+        assert torch.equal(m.features(imgs, "cls"), tokens[:, 0])
+        torch.testing.assert_close(m.features(imgs, "mean"), tokens[:, 1:].sum(1) / 49,
+                                   rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="'max'"):
-        m.forward_features(imgs, "max")
+        m.features(imgs, "max")
 
 
 def test_encoder_state_dict_loads_into_timm_vit():
     """Export path: drop decoder_* and mask_token, load strictly into timm's VisionTransformer;
-    its pooled (token) features equal forward_features(pool='cls') to 1e-6."""
+    its pooled (token) features equal features(pool='cls') to 1e-6, and its forward_features
+    (every token) ours."""
     m = _model(**SMALL).eval()
     with torch.no_grad():   # non-trivial norms so the comparison covers them
         m.norm.weight.normal_()
@@ -147,7 +153,9 @@ def test_encoder_state_dict_loads_into_timm_vit():
     vit.load_state_dict(enc, strict=True)
     imgs = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(vit(imgs), m.forward_features(imgs, "cls"), rtol=0, atol=1e-6)
+        torch.testing.assert_close(vit(imgs), m.features(imgs, "cls"), rtol=0, atol=1e-6)
+        torch.testing.assert_close(vit.forward_features(imgs), m.forward_features(imgs),
+                                   rtol=0, atol=1e-6)
 
 
 def _flat_grad(m: MaskedAutoencoder, imgs, masking, create_graph=False):

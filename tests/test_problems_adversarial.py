@@ -38,7 +38,7 @@ def generator_graph(masking: str, w: torch.Tensor, init: torch.Tensor, lr: float
     mae, gen = tiny_mae(), FreeLogits(init)
     (xp, yp), _, _ = batches()
     pre = Reconstruction("pretrain", mae, data=Const((xp, yp)), reads=["mask"], masking=masking,
-                         learned_fraction=1.0, tau=0.5, fused_attention=False)
+                         learned_fraction=1.0, tau=0.5)
     mk = MaskLearning("mask", gen, optimizer=torch.optim.SGD(gen.parameters(), lr=lr),
                       data=Const((xp, yp)), reads=["pretrain", "disc"],
                       losses={"downstream": 0.0, "adversarial": 1.0})
@@ -118,7 +118,7 @@ def test_discriminator_and_generator_alternate_as_configured():
     (xp, yp), _, _ = batches()
     data = Const((xp, yp))
     pre = Reconstruction("pretrain", mae, optimizer=torch.optim.SGD(mae.parameters(), lr=0.01),
-                         data=data, reads=["mask"], masking="gumbel", fused_attention=False)
+                         data=data, reads=["mask"], masking="gumbel")
     mk = MaskLearning("mask", gen, optimizer=torch.optim.SGD(gen.parameters(), lr=0.1), data=data,
                       reads=["pretrain", "disc"],
                       losses={"downstream": 0, "adversarial": 0.2, "reconstruction": 1.0})
@@ -218,7 +218,7 @@ def test_mask_learning_checks_its_reads_and_weights():
         MaskLearning("mask", gen, reads=["pretrain"], losses={"downstream": 0})
     with pytest.raises(ValueError, match="reads the masks of problem 'mask'"):
         Discriminator("disc", LinearScorer(torch.zeros(L)), reads=[])
-    pre = Reconstruction("pretrain", mae, masking="random", fused_attention=False)
+    pre = Reconstruction("pretrain", mae, masking="random")
     mk = MaskLearning("mask", gen, reads=["pretrain"], losses={"downstream": 0, "reconstruction": 1})
     mk._peers = {"pretrain": pre}
     with pytest.raises(ValueError, match="masks with 'random'"):

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mlomae.hypergrad import LowerLevel, cg, darts, neumann
+from mlomae.build import choose_attention
+from mlomae.hypergrad import LowerLevel
+from mlomae.hypergrad.cg import CG
+from mlomae.hypergrad.darts import Darts
+from mlomae.hypergrad.neumann import Neumann
 from mlomae.models.attention import set_fused_attention
 from mlomae.models.masking import prob_topk_masking
-from problems.pretrain import configure_attention, methods_in_use
 from test_problems_tiny import mlo_graph
 from test_problems_tiny import one_thread  # noqa: F401  (an autouse fixture)
 
@@ -49,10 +52,10 @@ def by_hand(mods, batches, K, lr_pre, lr_ft, detach):
         g = torch.autograd.grad(loss, list(th.values()), create_graph=True)
         th = {n: t - lr_pre * gi for (n, t), gi in zip(th.items(), g)}
     c = {n: p.detach().clone().requires_grad_(True) for n, p in head.named_parameters()}
-    ce = F.cross_entropy(functional_call(head, c, (call(mae, th, "forward_features", xf, "mean"),)), yf)
+    ce = F.cross_entropy(functional_call(head, c, (call(mae, th, "features", xf, "mean"),)), yf)
     gc = torch.autograd.grad(ce, list(c.values()), create_graph=True)
     c = {n: t - lr_ft * gi for (n, t), gi in zip(c.items(), gc)}
-    val = F.cross_entropy(functional_call(head, c, (call(mae, th, "forward_features", xm, "mean"),)), ym)
+    val = F.cross_entropy(functional_call(head, c, (call(mae, th, "features", xm, "mean"),)), ym)
     return torch.autograd.grad(val, list(T.values()))
 
 
@@ -133,8 +136,8 @@ def test_neumann_and_cg_differentiate_twice_through_the_vit():
     inputs = list(mods["masker"].parameters())
     g = torch.Generator().manual_seed(7)
     v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in lower.params]
-    ref = flat(darts(v, lower, inputs, alpha=1e-5, scale=1.0))
-    n0 = flat(neumann(v, lower, inputs, iters=0, eta=1.0))
+    ref = flat(Darts(alpha=1e-5, scale=1.0)(v, lower, inputs))
+    n0 = flat(Neumann(iters=0, eta=1.0)(v, lower, inputs))
     assert float(ref.norm()) > 1e-6
     assert float((n0 - ref).norm() / ref.norm()) < 1e-6
 
@@ -153,21 +156,21 @@ def test_neumann_and_cg_differentiate_twice_through_the_vit():
             p.copy_(s)
     vhv = sum(((a - b) / (2 * eps) * d).sum() for a, b, d in zip(gp, gm, v))
     vv = sum((d * d).sum() for d in v)
-    c1 = flat(cg(v, lower, inputs, iters=1, tol=0.0))
+    c1 = flat(CG(iters=1, tol=0.0)(v, lower, inputs))
     assert float((c1 - (vv / vhv) * n0).norm() / c1.norm()) < 1e-5
 
 
 def test_fused_attention_is_what_breaks_second_order_and_auto_switches_it_off():
     """The same Neumann product with the MAE's fused attention on fails on the CPU; the
-    problems' ``fused_attention: auto`` turns it off exactly when an experiment uses unroll,
-    neumann or cg anywhere."""
+    builder's ``fused_attention: auto`` turns it off exactly when a push through pretrain uses
+    unroll, neumann or cg."""
     eng, mods = mlo_graph("darts", K=1)
     eng.prefix("mask")
     lower = lower_of_pretrain(eng)
     v = [torch.ones_like(p) for p in lower.params]
     set_fused_attention(mods["mae"], True)
     try:
-        neumann(v, lower, list(mods["masker"].parameters()), iters=0, eta=1.0)
+        Neumann(iters=0, eta=1.0)(v, lower, list(mods["masker"].parameters()))
     except RuntimeError as e:
         assert "derivative" in str(e) or "not implemented" in str(e)
     else:
@@ -175,23 +178,15 @@ def test_fused_attention_is_what_breaks_second_order_and_auto_switches_it_off():
     finally:
         set_fused_attention(mods["mae"], False)
 
-    def flags(cfg):
-        m = nn.Sequential(mods["mae"])
-        configure_attention(m, "auto", {"config": cfg})
-        return {a.fused_attn for a in m.modules() if hasattr(a, "fused_attn")}
+    def flags(eng, mods):
+        chosen = choose_attention(None, eng)   # every problem's setting auto
+        return chosen["pretrain"], {a.fused_attn for a in mods["mae"].modules()
+                                    if hasattr(a, "fused_attn")}
 
-    darts_only = {"hypergrad": {"method": "darts"},
-                  "dependencies": [{"upper": "mask", "lower": "pretrain", "hypergrad": None}]}
-    cg_on_one_edge = {"hypergrad": {"method": "darts"},
-                      "dependencies": [{"upper": "mask", "lower": "pretrain",
-                                        "hypergrad": {"method": "cg", "iters": 3}}]}
-    assert methods_in_use(cg_on_one_edge) == {"darts", "cg"}
-    assert flags(darts_only) == {True}
-    assert flags(cg_on_one_edge) == {False}
-    assert flags({"hypergrad": {"method": "unroll"}, "dependencies": []}) == {False}
-    assert configure_attention(mods["mae"], "auto", None) is False    # built by hand: safe
-    with pytest.raises(ValueError, match="fused_attention"):
-        configure_attention(mods["mae"], "sometimes", None)
+    assert flags(*mlo_graph("darts", K=1)) == (True, {True})
+    cg_on_one_edge = mlo_graph("darts", K=1, edge_methods={"pretrain": ("cg", {"iters": 3})})
+    assert flags(*cg_on_one_edge) == (False, {False})
+    assert flags(*mlo_graph("unroll", K=1)) == (False, {False})
 
 
 @pytest.mark.parametrize("method", ["neumann", "cg"])

@@ -24,7 +24,7 @@ class Holder:
 def pretrain(masking="random", masker=None, **kw) -> Reconstruction:
     reads = ["mask"] if masker is not None else []
     p = Reconstruction("pretrain", tiny_mae(), reads=reads, masking=masking,
-                       fused_attention=False, **kw)
+                       **kw)
     if masker is not None:
         p._peers = {"mask": Holder(masker)}
     return p
@@ -129,7 +129,7 @@ def test_reconstruct_is_the_interface_for_pictures():
 
 def test_reconstruction_options_are_checked():
     with pytest.raises(ValueError, match="add it to problems.pretrain.reads"):
-        Reconstruction("pretrain", tiny_mae(), masking="mlo", fused_attention=False)
+        Reconstruction("pretrain", tiny_mae(), masking="mlo")
     with pytest.raises(ValueError, match="masking must be one of"):
         MaskingSpec("learned")
     with pytest.raises(ValueError, match="mask ratio"):
@@ -146,7 +146,7 @@ def test_classification_evaluate_counts_by_hand():
     p._peers = {"pretrain": Holder(mae)}
     g = torch.Generator().manual_seed(4)
     xs = [torch.randn(n, 1, IMG, IMG, generator=g, dtype=DT) for n in (4, 3)]
-    logits = [head(mae.forward_features(x, "cls")).detach() for x in xs]
+    logits = [head(mae.features(x, "cls")).detach() for x in xs]
     ys = [lg.argmax(1) for lg in logits]
     ys[1][0] = (ys[1][0] + 1) % 3                                   # one wrong of 7
     out = p.evaluate(list(zip(xs, ys)))
@@ -161,40 +161,35 @@ def test_classification_evaluate_counts_by_hand():
 
 
 def test_exact_darts_counts_as_second_order_for_the_attention_switch():
-    """darts with exact: true takes a double backward, so `fused_attention: auto` must unfuse."""
-    from problems.pretrain import SECOND_ORDER, methods_in_use
-    assert not methods_in_use({"hypergrad": {"method": "darts"}}) & set(SECOND_ORDER)
-    for cfg in ({"hypergrad": {"method": "darts", "exact": True}},
-                {"hypergrad": {"method": "darts", "darts": {"exact": True}}},
-                {"hypergrad": {"method": "darts"},
-                 "dependencies": [{"upper": "a", "lower": "b", "hypergrad": {"method": "darts", "exact": True}}]}):
-        assert "darts_exact" in methods_in_use(cfg)
+    """darts with exact: true takes a double backward, so `fused_attention: auto` must unfuse;
+    finite-difference darts, first order and sama do not."""
+    from mlomae.hypergrad import make
+    assert [make(m).second_order for m in ("darts", "first_order", "sama")] == [False] * 3
+    assert all(make(m).second_order for m in ("unroll", "neumann", "cg"))
+    assert make("darts", {"exact": True}).second_order
 
 
 def test_attention_stays_fused_unless_a_push_differentiates_twice_through_the_module():
     """Per owner: the MAE (owned by pretrain) unfuses only for a second-order push whose lower
     is pretrain, or whose lower reads pretrain and is not a head on top of it."""
-    from problems.pretrain import second_order_through
-    problems = {"pretrain": {"target": "problems.pretrain.Reconstruction", "reads": ["mask"]},
-                "finetune": {"target": "problems.finetune.Classification", "reads": ["pretrain"]},
-                "mask": {"target": "problems.mask.MaskLearning", "reads": ["pretrain", "finetune"]},
-                "critic": {"target": "problems.mask.MaskLearning", "reads": ["pretrain"]}}
+    from mlomae.engine import Dependency, Graph
+    reads = {"pretrain": ["mask"], "finetune": ["pretrain"], "mask": ["pretrain", "finetune"],
+             "critic": ["pretrain"]}
 
-    def cfg(top, head_edge=None, pre_edge=None, extra=()):
-        return {"hypergrad": top, "problems": problems,
-                "dependencies": [{"upper": "mask", "lower": "pretrain", "hypergrad": pre_edge},
-                                 {"upper": "finetune", "lower": "pretrain", "hypergrad": None},
-                                 {"upper": "mask", "lower": "finetune", "hypergrad": head_edge},
-                                 *extra]}
+    def twice(method="darts", options=None, head_edge=None, pre_edge=None, critic=None):
+        edge = lambda u, l, e: Dependency(u, l, *(e or (None, {})))     # noqa: E731
+        deps = [edge("mask", "pretrain", pre_edge), Dependency("finetune", "pretrain"),
+                edge("mask", "finetune", head_edge), edge("mask", "critic", critic or ("first_order", {}))]
+        g = Graph({n: 1 for n in reads}, reads, deps, default_method=method,
+                  default_options=options, reads_once=["finetune"])
+        return g.differentiated_twice()
 
-    darts = {"method": "darts"}
-    assert not second_order_through(cfg(darts), "pretrain")
-    for head in ({"darts": {"exact": True}}, {"method": "unroll"}, {"method": "cg", "iters": 2}):
-        assert not second_order_through(cfg(darts, head_edge=head), "pretrain"), head
-    assert second_order_through(cfg(darts, pre_edge={"darts": {"exact": True}}), "pretrain")
-    assert second_order_through(cfg({"method": "neumann"}), "pretrain")
-    assert second_order_through(cfg({"method": "darts", "exact": True}), "pretrain")
-    assert not second_order_through(cfg({"method": "darts", "exact": True}), "critic")
+    assert "pretrain" not in twice()
+    for head in ((None, {}, {"darts": {"exact": True}}), ("unroll", {}), ("cg", {"iters": 2})):
+        assert "pretrain" not in twice(head_edge=head), head
+    assert "pretrain" in twice(pre_edge=(None, {}, {"darts": {"exact": True}}))
+    assert "pretrain" in twice("neumann")
+    assert "pretrain" in twice("darts", {"exact": True})
+    assert "critic" not in twice("darts", {"exact": True})
     # a lower that reads pretrain without declaring first_order_reads: the safe side
-    critic_edge = ({"upper": "mask", "lower": "critic", "hypergrad": {"method": "unroll"}},)
-    assert second_order_through(cfg(darts, extra=critic_edge), "pretrain")
+    assert "pretrain" in twice(critic=("unroll", {}))

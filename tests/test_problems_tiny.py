@@ -10,6 +10,7 @@ from torch import nn
 
 from bilevel import Const
 from mlomae.engine import Dependency, Engine
+from mlomae.models.attention import set_fused_attention
 from mlomae.models.heads import LinearHead
 from mlomae.models.mae import MaskedAutoencoder
 from mlomae.models.maskers import PatchMLPMasker
@@ -35,7 +36,9 @@ L = (IMG // PATCH) ** 2
 
 def tiny_mae(seed: int = 0) -> MaskedAutoencoder:
     torch.manual_seed(seed)
-    return MaskedAutoencoder(IMG, PATCH, 1, D, 1, 2, 16, 1, 2).to(DT)
+    mae = MaskedAutoencoder(IMG, PATCH, 1, D, 1, 2, 16, 1, 2).to(DT)
+    set_fused_attention(mae, False)   # built by hand: plain attention, as a builder would choose
+    return mae
 
 
 def tiny_masker(seed: int = 1) -> PatchMLPMasker:
@@ -81,13 +84,12 @@ def mlo_graph(method: str = "unroll", *, K: int = 2, lr_pre: float = 0.05, lr_ft
     pre_b, ft_b, mk_b = batches()
     pre = Reconstruction("pretrain", mae, optimizer=torch.optim.SGD(mae.parameters(), lr=lr_pre),
                          data=Const(pre_b), steps=K, reads=["mask"], masking=masking,
-                         detach_masker_input=detach, fused_attention=fused)
+                         detach_masker_input=detach)
     ft = Classification("finetune", head, optimizer=torch.optim.SGD(head.parameters(), lr=lr_ft),
                         data=Const(ft_b), reads=["pretrain"])
     reads = ["pretrain", "finetune"] + (["disc"] if disc is not None else [])
     mk = MaskLearning("mask", masker, optimizer=torch.optim.SGD(masker.parameters(), lr=0.1),
-                      data=Const(mk_b), reads=reads, losses=losses or {"downstream": 1.0},
-                      fused_attention=fused)
+                      data=Const(mk_b), reads=reads, losses=losses or {"downstream": 1.0})
     problems = [pre, ft, mk]
     edge_methods = edge_methods or {}
     deps = [Dependency("mask", "pretrain", *edge_methods.get("pretrain", (None, {}))),
@@ -100,4 +102,6 @@ def mlo_graph(method: str = "unroll", *, K: int = 2, lr_pre: float = 0.05, lr_ft
                                       reads=["mask"]))
         deps.append(Dependency("mask", "disc", "first_order"))
     eng = Engine(problems, deps, method=method, options=options or {})
+    for m in (mae, masker):   # built by hand: the attention kernel is set here, not by a builder
+        set_fused_attention(m, fused)
     return eng, {"mae": mae, "masker": masker, "head": head, "disc": disc}

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from ..errors import GraphError, NonFiniteError
-from ..hypergrad import METHODS, LowerLevel
+from ..hypergrad import DEFAULT, Keep, LowerLevel, Method
 from . import diffopt, rng
 from .graph import Dependency, Graph
 from .problem import Problem
-from .steps import DifferentiableSteps, StepRecord, _Record, _Window, add, fill, norm
+from .steps import KeptSteps, StepRecord, add, fill, norm
 
 
 class Reducer:
@@ -51,9 +51,13 @@ class Callback:
     def on_run_end(self, engine: "Engine") -> None: ...
 
 
-class Engine(DifferentiableSteps):
+class Engine:
+    """``method`` is the default hypergradient method: a name with its ``options``, or a
+    ``Method`` object (``Darts(alpha=0.02)``); ``method_options`` holds options per method name
+    (kept when the default changes). Unknown methods or options raise ``GraphError``."""
+
     def __init__(self, problems: Sequence[Problem], dependencies: Sequence[Dependency] = (), *,
-                 method: str = "darts", options: Mapping[str, Any] | None = None,
+                 method: "str | Method" = DEFAULT, options: Mapping[str, Any] | None = None,
                  method_options: Mapping[str, Mapping[str, Any]] | None = None,
                  device: str | torch.device = "cpu", on_nonfinite: str = "raise",
                  autocast_dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = (),
@@ -64,35 +68,34 @@ class Engine(DifferentiableSteps):
         self.graph = Graph({p.name: p.steps for p in problems},
                            {p.name: p.reads for p in problems}, dependencies,
                            default_method=method, default_options=options,
-                           known_methods=list(METHODS), method_options=method_options)
+                           method_options=method_options,
+                           reads_once=[p.name for p in problems if p.first_order_reads])
         for p in problems:
-            p._peers = {r: self.problems[r] for r in p.reads}
+            p._connect({r: self.problems[r] for r in p.reads})
         self.device = torch.device(device)
         self.on_nonfinite = on_nonfinite
         self.autocast_dtype = autocast_dtype
         self.callbacks = list(callbacks)
         self.reducer = reducer or Reducer()
         self.schedule = self.graph.cycle()
-        self.unrolled = self.graph.unrolled()
-        # lower problems pushed through by exact DARTS: their steps keep the gradient's graph
-        # (problems that are themselves uppers with a hypergradient step the usual way)
-        self.recorded = {n for n in self.graph.recorded() if n not in self.graph.plans}
-        self._readers = self.graph.step_readers(self.schedule)
-        self._steps_now: dict[str, int] = {}   # steps of each problem in this outer step
-        for name in self.unrolled:
+        self.kept = KeptSteps(self, self.graph.step_readers(self.schedule))
+        for plan in self.graph.plans.values():
+            for name, m in plan.methods.items():
+                why = m.unsupported(self.problems[name].optimizer)
+                if why:
+                    raise GraphError(f"problem '{name}' is pushed through by {m.name}: {why}")
+        for name in self.graph.unrolled():
             opt = self.problems[name].optimizer
             if opt is None or not diffopt.supported(opt):
                 raise GraphError(f"problem '{name}' is unrolled, which needs an sgd, adam or adamw "
                                  f"optimizer (got {type(opt).__name__ if opt else 'none'})")
         self.outer_step = 0
-        self._windows: dict[str, _Window] = {}
-        self._records: dict[str, _Record] = {}
         self._param_cache: dict[str, list[Tensor]] = {}
         self._named_cache: dict[str, list[tuple[str, Tensor]]] = {}
         self._cuda = [self.device.index or 0] if self.device.type == "cuda" else []
 
     # -- parameters, looked up once per outer step -----------------------------------------
-    def _params(self, p: Problem) -> list[Tensor]:
+    def params_of(self, p: Problem) -> list[Tensor]:
         """``p.params()``, cached until the outer step ends: a module walk per lookup cost ~1%
         of a 101k-MLP DARTS outer step (benchmarks/README.md, question 3a). Which parameters
         train may change between outer steps, not within one."""
@@ -101,16 +104,14 @@ class Engine(DifferentiableSteps):
             got = self._param_cache[p.name] = p.params()
         return got
 
-    def _named(self, p: Problem) -> list[tuple[str, Tensor]]:
+    def named_params_of(self, p: Problem) -> list[tuple[str, Tensor]]:
         got = self._named_cache.get(p.name)
         if got is None:
             got = self._named_cache[p.name] = p.named_params()
         return got
 
     def _forget(self) -> None:
-        self._windows.clear()  # no graph outlives its outer step
-        self._records.clear()
-        self._steps_now.clear()
+        self.kept.end_outer_step()  # no graph outlives its outer step
         self._param_cache.clear()
         self._named_cache.clear()
 
@@ -147,7 +148,8 @@ class Engine(DifferentiableSteps):
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _eval(self, p: Problem, batch: Any) -> tuple[Tensor, dict[str, Any]]:
+    def evaluate(self, p: Problem, batch: Any) -> tuple[Tensor, dict[str, Any]]:
+        """``p.loss(batch)`` under the engine's autocast, as (loss, logs)."""
         with self._autocast():
             out = p.loss(batch)
         if isinstance(out, tuple):
@@ -160,10 +162,11 @@ class Engine(DifferentiableSteps):
         t0 = time.perf_counter()
         batch = _to_device(p.next_batch(), self.device)
         state = rng.capture(self._cuda)
-        if p.name in self.unrolled:
-            rec = self._unrolled_step(p, batch, self._step_readers(p.name))
-        elif p.name in self.recorded and (readers := self._step_readers(p.name)):
-            rec = self._recorded_step(p, batch, readers)
+        keep = self.graph.keeps[p.name]
+        if keep is Keep.UNROLLED:
+            rec = self.kept.unrolled_step(p, batch, self.kept.start_step(p.name))
+        elif keep is Keep.STEP_GRAPH and (readers := self.kept.start_step(p.name)):
+            rec = self.kept.graph_step(p, batch, readers)
         else:
             rec = self._plain_step(p, batch)
         p.last_batch, p.last_rng = batch, state
@@ -172,11 +175,11 @@ class Engine(DifferentiableSteps):
 
     def _gradients(self, p: Problem, batch: Any, params: list[Tensor] | None = None):
         """Loss, logs, direct gradient and hypergradient of ``p`` on ``batch``."""
-        params = self._params(p) if params is None else params
+        params = self.params_of(p) if params is None else params
         plan = self.graph.plans.get(p.name)
-        loss, logs = self._eval(p, batch)
+        loss, logs = self.evaluate(p, batch)
         entered = [self.problems[n] for n in plan.enters] if plan else []
-        targets = params + [t for q in entered for t in self._params(q)]
+        targets = params + [t for q in entered for t in self.params_of(q)]
         grads = list(torch.autograd.grad(loss, targets, allow_unused=True)) if targets else []
         grads = self.reducer.mean(grads)
         direct = grads[:len(params)]
@@ -184,21 +187,21 @@ class Engine(DifferentiableSteps):
         if plan:
             adj, i = {}, len(params)
             for q in entered:
-                n = len(self._params(q))
-                adj[q.name] = fill(grads[i:i + n], self._params(q))
+                n = len(self.params_of(q))
+                adj[q.name] = fill(grads[i:i + n], self.params_of(q))
                 i += n
             hyper = self._hypergradient(p, adj)
         return loss, logs, direct, hyper
 
     def _plain_step(self, p: Problem, batch: Any) -> StepRecord:
-        params = self._params(p)
+        params = self.params_of(p)
         loss, logs, direct, hyper = self._gradients(p, batch, params)
         rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
         if hyper is not None:
             rec.hypergrad_norm = norm(hyper)
             direct = [add(d, h) for d, h in zip(direct, hyper)]
         grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(direct, params)]
-        self._apply(p, params, grads, loss, rec)
+        self.apply_gradients(p, params, grads, loss, rec)
         return rec
 
     # -- inspection (check-hypergrad, tests) ------------------------------------------------
@@ -222,20 +225,23 @@ class Engine(DifferentiableSteps):
         hyper = hyper if hyper is not None else [None] * len(params)
         return loss.detach(), fill(direct, params), fill(hyper, params)
 
-    def _apply(self, p: Problem, params: list[Tensor], grads: list[Tensor], loss: Tensor,
-               rec: StepRecord) -> None:
-        """Check, clip and apply gradients, then count the step."""
+    def apply_gradients(self, p: Problem, params: list[Tensor], grads: list[Tensor], loss: Tensor,
+                        rec: StepRecord) -> None:
+        """Check, clip and apply gradients (kept, as applied, where a push reads them), then
+        count the step."""
         gnorm = norm(grads) if grads else torch.zeros((), device=self.device)
         rec.grad_norm = gnorm
         finite = math.isfinite(float(gnorm + loss.detach()))  # one host sync, as bool() was
         if not finite:
-            self._nonfinite(p, loss, gnorm, rec)
+            self.nonfinite(p, loss, gnorm, rec)
         if rec.skipped or p.optimizer is None or not params:
             p.step_count += 1
             return
         if p.grad_clip is not None:
             coef = torch.clamp(p.grad_clip / (gnorm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
+        if self.graph.keeps[p.name] is Keep.STEP_GRADIENT:
+            self.kept.keep_gradient(p.name, grads)
         for x, g in zip(params, grads):
             x.grad = g
         p.optimizer.step()
@@ -245,7 +251,7 @@ class Engine(DifferentiableSteps):
             p.scheduler.step()
         p.step_count += 1
 
-    def _nonfinite(self, p: Problem, loss: Tensor, gnorm: Tensor, rec: StepRecord) -> None:
+    def nonfinite(self, p: Problem, loss: Tensor, gnorm: Tensor, rec: StepRecord) -> None:
         what = "loss" if not bool(torch.isfinite(loss.detach())) else (
             "hypergradient" if rec.hypergrad_norm is not None and not bool(torch.isfinite(rec.hypergrad_norm))
             else "gradient")
@@ -261,60 +267,63 @@ class Engine(DifferentiableSteps):
     def _lower_view(self, q: Problem) -> LowerLevel:
         def loss_fn() -> Tensor:
             with rng.replay(q.last_rng, self._cuda):
-                return self._eval(q, q.last_batch)[0]
+                return self.evaluate(q, q.last_batch)[0]
 
-        return LowerLevel(params=self._params(q), loss=loss_fn, lr=q.lr, reduce=self.reducer.mean)
+        return LowerLevel(params=self.params_of(q), loss=loss_fn, lr=q.lr, reduce=self.reducer.mean,
+                          optimizer=q.optimizer, step_gradient=self.kept.gradients.get(q.name))
 
     def _hypergradient(self, upper: Problem, adj: dict[str, list[Tensor]]) -> list[Tensor | None]:
         """Push the adjoints of the lower problems ``upper`` reads down every path back to
         ``upper``'s parameters; return the summed indirect gradient."""
         plan = self.graph.plans[upper.name]
-        own = self._params(upper)
+        own = self.params_of(upper)
         hyper: list[Tensor | None] = [None] * len(own)
         for name in plan.order:
             v = adj.pop(name, None)
             if v is None:
                 continue
             q = self.problems[name]
-            method, opts = plan.methods[name]
+            method = plan.methods[name]
             reached = [self.problems[r] for r in plan.inputs[name]]
-            inputs = [t for r in reached for t in self._params(r)]
+            inputs = [t for r in reached for t in self.params_of(r)]
             lower = self._lower_view(q)
-            if method == "unroll":
-                lower.trace, lower.retain_step = self._trace(q, reached)
-            elif method == "darts" and opts.get("exact") and name in self._records:
-                # exact darts on the graph the lower's last step kept (another upper pushing
-                # through the same lower by another method reads the real parameters); the
-                # last push that reads it frees the graph
-                record = self._records[name]
-                record.uses -= 1
-                if record.uses <= 0:
-                    del self._records[name]
-                lower.step_grads, lower.retain_step = record.grads, record.uses > 0
-                inputs = [t for r in reached for t in record.reads.get(r.name, self._params(r))]
-            contrib = METHODS[method](v, lower, inputs, **opts)
+            if method.keeps is Keep.UNROLLED:
+                lower.trace, lower.retain_step = self.kept.take_window(q, reached)
+            elif method.keeps is Keep.STEP_GRAPH:
+                # the graph the lower's last step kept (none if the lower keeps no graph for
+                # this push: the method then works at the current parameters); the last push
+                # that reads it frees it
+                kept, retain = self.kept.take_graph(name)
+                if kept is not None:
+                    lower.step_grads, lower.retain_step = kept.grads, retain
+                    inputs = [t for r in reached for t in kept.reads.get(r.name, self.params_of(r))]
+            contrib = method(v, lower, inputs)
             i = 0
             for r in reached:
-                n = len(self._params(r))
+                n = len(self.params_of(r))
                 part = contrib[i:i + n]
                 i += n
                 if r.name == upper.name:
                     hyper = [add(h, c) for h, c in zip(hyper, part)]
                 elif any(c is not None for c in part):
                     prev = adj.get(r.name)
-                    part = fill(part, self._params(r))
+                    part = fill(part, self.params_of(r))
                     adj[r.name] = part if prev is None else [a + b for a, b in zip(prev, part)]
         return hyper
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"outer_step": self.outer_step,
-                "problems": {n: p.state_dict() for n, p in self.problems.items()}}
+        state = {"outer_step": self.outer_step,
+                 "problems": {n: p.state_dict() for n, p in self.problems.items()}}
+        if self.kept.gradients:   # what outlives an outer step: the gradients SAMA reads
+            state["kept_gradients"] = self.kept.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.outer_step = int(state["outer_step"])
         for n, s in state["problems"].items():
             self.problems[n].load_state_dict(s)
+        self.kept.load_state_dict(state.get("kept_gradients", {}))
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..errors import GraphError, did_you_mean
+from ..hypergrad import DEFAULT, Keep, Method, OptionError, make
 
 
 @dataclass(frozen=True)
 class Dependency:
     upper: str
     lower: str
-    method: str | None = None  # None: the graph's default
+    method: "str | Method | None" = None  # None: the graph's default
     options: Mapping[str, Any] = field(default_factory=dict)
     # options for whichever method the edge ends up with, e.g. {"darts": {"exact": True}}:
     # they stay in force when a sweep swaps the default method, and apply only to that method
@@ -34,15 +35,20 @@ class Plan:
     enters: list[str]                  # lower problems U's loss reads whose adjoint is needed
     order: list[str]                   # lower problems in push order (a problem before those it reads)
     inputs: dict[str, list[str]]       # P -> problems its push reaches (U or useful lowers)
-    methods: dict[str, tuple[str, dict[str, Any]]]  # P -> (method, options)
+    methods: dict[str, Method]         # P -> the method of the push through P
 
 
 class Graph:
+    """``default_method`` is a method name (its options in ``default_options``) or a ``Method``;
+    ``method_options`` holds options per method name, used wherever that method is picked;
+    ``reads_once`` names the problems whose loss differentiates the modules it reads only once
+    whatever method pushes through it (a head on an encoder), for :meth:`differentiated_twice`."""
+
     def __init__(self, steps: Mapping[str, int], reads: Mapping[str, Sequence[str]],
-                 dependencies: Sequence[Dependency], default_method: str = "darts",
+                 dependencies: Sequence[Dependency], default_method: "str | Method" = DEFAULT,
                  default_options: Mapping[str, Any] | None = None,
-                 known_methods: Sequence[str] | None = None,
-                 method_options: Mapping[str, Mapping[str, Any]] | None = None):
+                 method_options: Mapping[str, Mapping[str, Any]] | None = None,
+                 reads_once: Sequence[str] = ()):
         self.names = list(steps)
         self.steps = dict(steps)
         self.reads = {n: list(reads.get(n, ())) for n in self.names}
@@ -51,12 +57,17 @@ class Graph:
         self.default_options = dict(default_options or {})
         # options for each method when a dependency picks it without giving its own
         self.method_options = {m: dict(o) for m, o in (method_options or {}).items()}
-        self.known_methods = known_methods
+        self.reads_once = set(reads_once)
         self._validate()
         self.lowers = {n: [d.lower for d in self.dependencies if d.upper == n] for n in self.names}
         self.uppers = {n: [d.upper for d in self.dependencies if d.lower == n] for n in self.names}
         self.topo = self._topological()  # lowest first
+        # every edge's method is built here, so a bad name or option fails before anything runs
+        self._method(self.default_method, self.default_options, "the default method")
+        for d in self.dependencies:
+            self.method_for(d.upper, d.lower)
         self.plans = {n: p for n in self.names if (p := self._plan(n)) is not None}
+        self.keeps = {n: self._keeps(n) for n in self.names}
 
     # -- validation -------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -85,15 +96,6 @@ class Graph:
             if (d.upper, d.lower) in seen:
                 raise GraphError(f"dependency {d.upper} -> {d.lower} is declared twice")
             seen.add((d.upper, d.lower))
-            method = d.method or self.default_method
-            if self.known_methods is not None and method not in self.known_methods:
-                raise GraphError(f"dependency {d.upper} -> {d.lower}: unknown hypergradient method "
-                                 f"'{method}'{did_you_mean(method, set(self.known_methods))}; known: "
-                                 + ", ".join(self.known_methods))
-        if self.known_methods is not None and self.default_method not in self.known_methods:
-            raise GraphError(f"unknown hypergradient method '{self.default_method}'"
-                             f"{did_you_mean(self.default_method, set(self.known_methods))}; known: "
-                             + ", ".join(self.known_methods))
         if len(self.names) > 1:
             linked = {d.upper for d in self.dependencies} | {d.lower for d in self.dependencies}
             for n in self.names:
@@ -130,24 +132,39 @@ class Graph:
                 stack.extend(self.lowers[n])
         return [n for n in self.topo if n in below]
 
-    def method_for(self, upper: str, lower: str) -> tuple[str, dict[str, Any]]:
+    def method_for(self, upper: str, lower: str) -> Method:
         """The edge (upper, lower)'s method if declared, else the first edge into ``lower``
-        from within ``upper``'s scope, else the default."""
+        from within ``upper``'s scope, else the default; with its options merged: the
+        method's block (``method_options``), the default's options if it is the default
+        method, the edge's block for it, the edge's own options."""
         scope = set(self.scope(upper)) | {upper}
         direct = [d for d in self.dependencies if d.upper == upper and d.lower == lower]
         inner = [d for d in self.dependencies if d.lower == lower and d.upper in scope]
+        default_name, default_opts = _name_and_options(self.default_method, self.default_options)
         for d in direct + inner:
             if d.method is not None or d.options or d.method_options:
-                method = d.method or self.default_method
-                opts = dict(self.method_options.get(method, {}))
-                if method == self.default_method:
-                    opts.update(self.default_options)
-                opts.update(d.method_options.get(method, {}))
-                opts.update(d.options)
-                return method, opts
-        opts = dict(self.method_options.get(self.default_method, {}))
-        opts.update(self.default_options)
-        return self.default_method, opts
+                if d.method is None:
+                    name, own = default_name, dict(d.options)
+                else:
+                    name, own = _name_and_options(d.method, d.options)
+                opts = dict(self.method_options.get(name, {}))
+                if name == default_name:
+                    opts.update(default_opts)
+                opts.update(d.method_options.get(name, {}))
+                opts.update(own)
+                return self._method(name, opts, f"dependency {d.upper} -> {d.lower}")
+        opts = dict(self.method_options.get(default_name, {}))
+        opts.update(default_opts)
+        return self._method(default_name, opts, "the default method")
+
+    @staticmethod
+    def _method(method: "str | Method", options: Mapping[str, Any], where: str) -> Method:
+        if isinstance(method, Method):
+            method, options = _name_and_options(method, options)
+        try:
+            return make(method, options)
+        except OptionError as e:
+            raise GraphError(f"{where}: {e}") from None
 
     def _plan(self, upper: str) -> Plan | None:
         scope = self.scope(upper)
@@ -164,7 +181,7 @@ class Graph:
                     useful.add(p)
                     changed = True
         methods = {p: self.method_for(upper, p) for p in useful}
-        live = {p for p in useful if methods[p][0] != "first_order"}
+        live = {p for p in useful if methods[p].passes}
         # a first-order problem still passes nothing: drop it and what only it reached
         changed = True
         while changed:
@@ -186,29 +203,44 @@ class Graph:
         return Plan(upper=upper, enters=enters, order=order, inputs=inputs,
                     methods={p: methods[p] for p in live})
 
+    # -- what lower steps keep ---------------------------------------------------------------
+    def _keeps(self, lower: str) -> Keep:
+        """What ``lower``'s steps keep for the pushes through it: unrolled steps if any push
+        unrolls it; else the last step's gradient graph if a push reads that and ``lower`` has
+        no hypergradient of its own to assemble (a push that finds none takes its method at the
+        current parameters); else the last applied gradient if a push reads that."""
+        wanted = {plan.methods[lower].keeps for plan in self.plans.values() if lower in plan.methods}
+        if Keep.UNROLLED in wanted:
+            return Keep.UNROLLED
+        if Keep.STEP_GRAPH in wanted and lower not in self.plans:
+            return Keep.STEP_GRAPH
+        if Keep.STEP_GRADIENT in wanted:
+            return Keep.STEP_GRADIENT
+        return Keep.NOTHING
+
+    def kept_by(self, keep: Keep) -> set[str]:
+        """The problems whose steps keep ``keep``."""
+        return {n for n, k in self.keeps.items() if k is keep}
+
     def unrolled(self) -> set[str]:
         """Problems whose steps must be recorded differentiably."""
-        return {p for plan in self.plans.values() for p, (m, _) in plan.methods.items()
-                if m == "unroll"}
+        return self.kept_by(Keep.UNROLLED)
 
     def recorded(self) -> set[str]:
-        """Problems pushed through by exact DARTS, which reads the gradient graph of the
-        problem's last step (taken at the parameters that step started from)."""
-        return {p for plan in self.plans.values() for p, (m, o) in plan.methods.items()
-                if m == "darts" and o.get("exact")} - self.unrolled()
+        """Problems whose last step keeps its gradient's graph (at the parameters that step
+        started from) for a push that reads it (exact DARTS)."""
+        return self.kept_by(Keep.STEP_GRAPH)
 
     def step_readers(self, schedule: list[str]) -> dict[str, list[int]]:
-        """For each unrolled or recorded problem, per step of it in ``schedule``: how many
-        pushes read what that step kept (its unrolled window, its recorded gradient) before
-        the problem steps again or the cycle ends. The last of them frees the graph."""
-        unrolled = self.unrolled()
+        """For each problem whose steps keep a graph (unrolled steps, the last step's
+        gradient graph), per step of it in ``schedule``: how many pushes read what that step
+        kept before the problem steps again or the cycle ends. The last of them frees it."""
         out: dict[str, list[int]] = {}
-        for lower in unrolled | self.recorded():
-            def reads_it(plan: Plan) -> bool:
-                method, opts = plan.methods.get(lower, ("", {}))
-                return method == "unroll" if lower in unrolled else (
-                    method == "darts" and bool(opts.get("exact")))
-            readers = {u for u, plan in self.plans.items() if reads_it(plan)}
+        for lower, keep in self.keeps.items():
+            if keep not in (Keep.UNROLLED, Keep.STEP_GRAPH):
+                continue
+            readers = {u for u, plan in self.plans.items()
+                       if lower in plan.methods and plan.methods[lower].keeps is keep}
             uses: list[int] = []
             for name in schedule:
                 if name == lower:
@@ -216,6 +248,19 @@ class Graph:
                 elif uses and name in readers:
                     uses[-1] += 1
             out[lower] = uses
+        return out
+
+    def differentiated_twice(self) -> set[str]:
+        """Problems whose module some push differentiates twice (a second-order method through
+        it): the lower problem of such a push, and the problems that lower reads unless it reads
+        them once (``reads_once``). Those modules need kernels with a double backward."""
+        out: set[str] = set()
+        for plan in self.plans.values():
+            for lower, method in plan.methods.items():
+                if method.second_order:
+                    out.add(lower)
+                    if lower not in self.reads_once:
+                        out.update(self.reads[lower])
         return out
 
     def paths(self, upper: str) -> list[list[str]]:
@@ -276,8 +321,10 @@ class Graph:
             lines.append(f"  {n}: {self.steps[n]} step(s) per upper step{reads}")
         lines.append("dependencies (upper -> lower):")
         for d in self.dependencies:
-            m, opts = self.method_for(d.upper, d.lower)
-            lines.append(f"  {d.upper} -> {d.lower}  [{m}{_fmt(opts)}]")
+            m = self.method_for(d.upper, d.lower)
+            extra = "".join(["; keeps the lower's " + m.keeps.value if m.keeps.value != "nothing" else "",
+                             "; second order" if m.second_order else ""])
+            lines.append(f"  {d.upper} -> {d.lower}  [{m}{extra}]")
         lines.append("schedule (one outer step): " + " ".join(self.cycle()))
         lines.append("hypergradient paths:")
         any_path = False
@@ -285,7 +332,7 @@ class Graph:
             plan = self.plans.get(n)
             for path in self.paths(n):
                 any_path = True
-                hops = [f"{p} ({plan.methods[p][0]})" for p in path[1:-1]]
+                hops = [f"{p} ({plan.methods[p].name})" for p in path[1:-1]]
                 lines.append(f"  {n}: " + " -> ".join([n] + hops + [n]))
         if not any_path:
             lines.append("  none: every problem uses its direct gradient")
@@ -296,17 +343,18 @@ class Graph:
         for n in self.names:
             lines.append(f"  {n}[\"{n} (K={self.steps[n]})\"]")
         for d in self.dependencies:
-            m, _ = self.method_for(d.upper, d.lower)
-            lines.append(f"  {d.upper} -->|{m}| {d.lower}")
+            lines.append(f"  {d.upper} -->|{self.method_for(d.upper, d.lower).name}| {d.lower}")
         for n in self.names:
             for r in self.reads[n]:
                 lines.append(f"  {n} -.reads.-> {r}")
         return "\n".join(lines)
 
 
-def _fmt(opts: Mapping[str, Any]) -> str:
-    shown = {k: v for k, v in opts.items() if v is not None}
-    return (" " + ", ".join(f"{k}={v}" for k, v in shown.items())) if shown else ""
+def _name_and_options(method: "str | Method", options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A method given as a name and options, or as an object (its values, then ``options``)."""
+    if isinstance(method, Method):
+        return method.name, {**method.values(), **options}
+    return method, dict(options)
 
 
 def _find_cycle(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> list[str] | None:

@@ -7,7 +7,7 @@ problems its loss reads. The engine decides when it steps and how gradients flow
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,19 @@ class Problem:
     never a global, so that the engine can substitute parameters (unrolled steps, snapshots).
     Randomness must come from torch's global generator, which the engine replays when it
     re-evaluates a loss for a hypergradient.
+
+    A problem that calls more of a peer than its module (``self.peer(name).method(...)``)
+    declares it in :meth:`needs`: the peer's name and the interface (a ``typing.Protocol``, or
+    any class) it must satisfy; the engine checks every declaration when it connects the
+    problems and names what is missing.
     """
+
+    # True when this problem's loss differentiates the modules it reads only once whatever
+    # method pushes through it: it puts its own parameters on top of their output (a head on
+    # an encoder). The builder then leaves their attention fused under second-order methods.
+    first_order_reads: bool = False
+    # True: the problem's loader applies the pretraining augmentation.
+    augment: bool = False
 
     def __init__(self, name: str, module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
                  scheduler: Any = None, data: Iterable | None = None, steps: int = 1,
@@ -50,6 +62,10 @@ class Problem:
     def loss(self, batch: Any) -> Tensor | tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError(f"{type(self).__name__}.loss")
 
+    def needs(self) -> Mapping[str, type]:
+        """Peer name -> the interface this problem calls on that peer (beyond its module)."""
+        return {}
+
     # -- what a subclass may use ----------------------------------------------------------
     def read(self, name: str) -> nn.Module:
         """The module of problem ``name``, which this problem declared in ``reads``."""
@@ -63,6 +79,19 @@ class Problem:
                              f"add it to problems.{self.name}.reads") from None
 
     # -- what the engine uses -------------------------------------------------------------
+    def _connect(self, peers: Mapping[str, "Problem"]) -> None:
+        """Give the problem its peers (the problems in ``reads``) and check :meth:`needs`."""
+        self._peers = dict(peers)
+        for name, interface in self.needs().items():
+            peer = self.peer(name)
+            if isinstance(peer, interface):
+                continue
+            members = [m for m in vars(interface) if not m.startswith("_")]
+            missing = [m for m in members if not hasattr(peer, m)] or members
+            raise GraphError(f"problem '{self.name}' needs '{name}' to be a {interface.__name__} "
+                             f"({', '.join(members)}); {type(peer).__name__} has no "
+                             f"{', '.join(missing)}")
+
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
         return trainable(self.module)
 

@@ -8,7 +8,7 @@ constructor arguments, so that
     vit = timm.models.vision_transformer.VisionTransformer(**kwargs)
     vit.load_state_dict(safetensors.torch.load_file("encoder.safetensors"), strict=True)
 
-loads with no missing or unexpected keys, and ``vit(x)`` equals ``forward_features(x, pool)``
+loads with no missing or unexpected keys, and ``vit(x)`` equals ``features(x, pool)``
 (``pool: cls`` -> ``global_pool='token'``; ``mean`` -> ``global_pool='avg', fc_norm=False``).
 """
 
@@ -59,7 +59,7 @@ def timm_kwargs(model: nn.Module, pool: str = "cls") -> dict[str, Any]:
         "global_pool": "token" if pool == "cls" else "avg",
     }
     if pool == "mean":
-        kw["fc_norm"] = False   # MAE-style mean pooling after the final norm, as forward_features
+        kw["fc_norm"] = False   # MAE-style mean pooling after the final norm, as features
     return kw
 
 

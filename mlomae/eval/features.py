@@ -24,11 +24,11 @@ from .spec import PIXELS, Labels
 
 
 def has_features(m: Any) -> bool:
-    return callable(getattr(m, "forward_features", None))
+    return callable(getattr(m, "features", None))
 
 
 def default_model(built) -> str | None:
-    """The first model (in the experiment's order) with ``forward_features``."""
+    """The first model (in the experiment's order) with ``features(imgs, pool)``."""
     return next((n for n, m in built.models.items() if has_features(m)), None)
 
 
@@ -39,7 +39,7 @@ def resolve_model(built, name: str | None, *, key: str) -> tuple[str, nn.Module 
     if name is None:
         name = default_model(built)
         if name is None:
-            raise ConfigError("no model has forward_features(imgs, pool): nothing to evaluate",
+            raise ConfigError("no model has features(imgs, pool): nothing to evaluate",
                               file=built.cfg.file, key=f"{key}.model",
                               hint=f"models: {', '.join(built.models) or 'none'}; "
                                    f"'model: {PIXELS}' probes raw pixels")
@@ -48,7 +48,7 @@ def resolve_model(built, name: str | None, *, key: str) -> tuple[str, nn.Module 
                           value=name, hint=f"models: {', '.join(built.models)} (or '{PIXELS}')")
     m = built.models[name]
     if not has_features(m):
-        raise ConfigError(f"{type(m).__name__} has no forward_features(imgs, pool)",
+        raise ConfigError(f"{type(m).__name__} has no features(imgs, pool)",
                           file=built.cfg.file, key=f"{key}.model", value=name)
     return name, m
 
@@ -111,14 +111,14 @@ def features_of(model: nn.Module | None, imgs: Tensor, pool: str) -> Tensor:
     """[N, C, H, W] -> [N, D]: the model's pooled features, or flattened pixels (model None)."""
     if model is None:
         return imgs.flatten(1)
-    fn = model.forward_features
+    fn = model.features
     try:
         takes_pool = "pool" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         takes_pool = False
     out = fn(imgs, pool=pool) if takes_pool else fn(imgs)
     if out.ndim != 2:
-        raise ConfigError(f"{type(model).__name__}.forward_features returned shape "
+        raise ConfigError(f"{type(model).__name__}.features returned shape "
                           f"{tuple(out.shape)}; a probe needs pooled features [N, D]")
     return out
 

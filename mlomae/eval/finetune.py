@@ -27,7 +27,7 @@ _NO_DECAY = ("cls_token", "pos_embed", "reg_token", "dist_token", "mask_token")
 
 
 class FeatureClassifier(nn.Module):
-    """``head(encoder.forward_features(imgs, pool))``."""
+    """``head(encoder.features(imgs, pool))``."""
 
     def __init__(self, encoder: nn.Module, embed_dim: int, num_classes: int, pool: str = "mean"):
         super().__init__()

@@ -11,7 +11,7 @@ An experiment's ``evaluation:`` list holds one mapping per evaluation, e.g.
 
 Keys (defaults in ``COMMON`` and ``PROTOCOL_KEYS`` below):
 
-- every protocol: ``model`` (default: the first model with ``forward_features``; ``pixels`` =
+- every protocol: ``model`` (default: the first model with ``features(imgs, pool)``; ``pixels`` =
   flattened normalised pixels, not for finetune), ``train`` (role, ``finetune``), ``test``
   (role, ``test``), ``labels`` (class-balanced share of the train role: ``100%``, ``10%``,
   ``1%``, any percentage), ``pool`` (``mean`` | ``cls``), ``batch_size`` (feature extraction;

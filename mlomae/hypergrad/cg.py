@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from torch import Tensor
 
-from .base import LowerLevel, hvp_fn, inner_grad, mixed_vjp
+from .base import LowerLevel, Method, hvp_fn, inner_grad, mixed_vjp, option, register
 from .linalg import conjugate_gradient
 
 
-def cg(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, iters: int = 5,
-       tol: float = 1e-10, **_: object) -> list[Tensor | None]:
-    grads = inner_grad(lower)
-    w = conjugate_gradient(hvp_fn(grads, lower.params, lower.reduce), [t.detach() for t in v], iters, tol)
-    return mixed_vjp(grads, inputs, w, lower.reduce)
+@register
+@dataclass(frozen=True)
+class CG(Method):
+    name = "cg"
+    summary = "H⁻¹v by K conjugate-gradient iterations"
+    iters: int = option(5, "K, the conjugate-gradient iterations", minimum=1)
+    tol: float = option(1e-10, "stop early when ‖r‖ <= tol·‖v‖", minimum=0.0)
+
+    @property
+    def second_order(self) -> bool:
+        return True
+
+    def __call__(self, v: Sequence[Tensor], lower: LowerLevel,
+                 inputs: Sequence[Tensor]) -> list[Tensor | None]:
+        grads = inner_grad(lower)
+        w = conjugate_gradient(hvp_fn(grads, lower.params, lower.reduce), [t.detach() for t in v],
+                               self.iters, self.tol)
+        return mixed_vjp(grads, inputs, w, lower.reduce)

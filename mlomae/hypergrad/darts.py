@@ -6,35 +6,62 @@ Two first-order evaluations of f; no second derivative, so it also runs through 
 θ is restored bit for bit afterwards (copied back, not re-added).
 
 ``exact=True`` computes the limit ε → 0 instead, −∇_x(∇_θ f · v), by a double backward through
-∇_θ f. In the engine the lower's last step keeps that gradient's graph (``lower.step_grads``), so
-the mixed term is taken at the parameters the step started from, as in DARTS, and costs no
-forward pass of its own; called without it, one forward at the current θ. When θ is small next to
-what lies between x and the loss (a linear head on a deep encoder: MLO-MAE's fine-tune level)
-that is one backward through the encoder instead of two forwards and backwards
+∇_θ f. The lower's last step then keeps that gradient's graph (``Keep.STEP_GRAPH``), so the mixed
+term is taken at the parameters the step started from, as in DARTS, and costs no forward pass of
+its own; without such a record (the upper stepped first), one forward at the current θ. When θ
+is small next to what lies between x and the loss (a linear head on a deep encoder: MLO-MAE's
+fine-tune level) that is one backward through the encoder instead of two forwards and backwards
 (benchmarks/README.md, question 2); it needs second derivatives of f in θ, so not where θ sits
 under fused attention.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .base import LowerLevel, inner_grad, mixed_vjp, norm
+from .base import Keep, LowerLevel, Method, inner_grad, mixed_vjp, norm, option, register
 
 
-def darts(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor], *, alpha: float = 0.01,
-          scale: float = 1.0, exact: bool = False, **_: object) -> list[Tensor | None]:
+@register
+@dataclass(frozen=True)
+class Darts(Method):
+    name = "darts"
+    summary = ("H⁻¹ ≈ I; mixed term by central differences at θ ± εv, ε = α/‖v‖, or with "
+               "exact its limit −∇_x(∇_θf·v) by double backward through the graph the lower's "
+               "last step kept")
+    alpha: float = option(0.01, "α: the step ε = α/‖v‖ of the finite difference", above=0.0)
+    scale: float = option(1.0, "a factor on the result", above=0.0)
+    exact: bool = option(False, "the limit ε → 0 by double backward, on the lower's last step")
+
+    @property
+    def keeps(self) -> Keep:
+        return Keep.STEP_GRAPH if self.exact else Keep.NOTHING
+
+    @property
+    def second_order(self) -> bool:
+        return self.exact
+
+    def __call__(self, v: Sequence[Tensor], lower: LowerLevel,
+                 inputs: Sequence[Tensor]) -> list[Tensor | None]:
+        vs = [t.detach() for t in v]
+        if self.exact:
+            recorded = lower.step_grads is not None
+            grads = lower.step_grads if recorded else inner_grad(lower)
+            out = mixed_vjp(grads, inputs, vs, lower.reduce,
+                            retain_graph=recorded and lower.retain_step)
+            return [None if o is None else o.mul_(self.scale) for o in out]
+        return finite_difference(vs, lower, inputs, self.alpha, self.scale)
+
+
+def finite_difference(vs: list[Tensor], lower: LowerLevel, inputs: Sequence[Tensor],
+                      alpha: float, scale: float = 1.0) -> list[Tensor | None]:
+    """-[∇_x f(θ + εv) − ∇_x f(θ − εv)] · scale / (2ε) with ε = α/‖v‖, θ restored bit for bit."""
     inputs = list(inputs)
     params = list(lower.params)
-    vs = [t.detach() for t in v]
-    if exact:
-        recorded = lower.step_grads is not None
-        grads = lower.step_grads if recorded else inner_grad(lower)
-        out = mixed_vjp(grads, inputs, vs, lower.reduce, retain_graph=recorded and lower.retain_step)
-        return [None if o is None else o.mul_(scale) for o in out]
     eps = alpha / (float(norm(vs)) + 1e-12)
     saved = [p.detach().clone() for p in params]
 

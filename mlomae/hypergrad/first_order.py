@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from torch import Tensor
 
-from .base import LowerLevel
+from .base import LowerLevel, Method, register
 
 
-def first_order(v: Sequence[Tensor], lower: LowerLevel, inputs: Sequence[Tensor],
-                **_: object) -> list[Tensor | None]:
-    return [None for _ in inputs]
+@register
+@dataclass(frozen=True)
+class FirstOrder(Method):
+    name = "first_order"
+    summary = "drop the second-order term (the graph computes no path through the lower)"
+    passes = False
+
+    def __call__(self, v: Sequence[Tensor], lower: LowerLevel,
+                 inputs: Sequence[Tensor]) -> list[Tensor | None]:
+        return [None for _ in inputs]

@@ -177,13 +177,22 @@ class MaskedAutoencoder(nn.Module):
         return self.masked_loss(per_patch, masking), pred, per_patch
 
     # ---- features for probes and heads ------------------------------------------------------
-    def forward_features(self, imgs: Tensor, pool: str = "cls") -> Tensor:
-        """Unmasked encoding pooled to [N, D]: the class token, or the mean of patch tokens
-        (both after the final norm). ``cls`` equals timm's ``VisionTransformer`` features."""
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    def forward_features(self, imgs: Tensor) -> Tensor:
+        """Unmasked encoding, every token after the final norm: [N, 1 + L, D] (timm's
+        ``VisionTransformer.forward_features``)."""
         x = self._prepend_cls(self.embed_patches(imgs))            # [N, 1 + L, D]
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x)
-        return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
+        return self.norm(x)
+
+    @staticmethod
+    def pool(tokens: Tensor, pool: str = "cls") -> Tensor:
+        """[N, 1 + L, D] -> [N, D]: the class token, or the mean of the patch tokens."""
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+    def features(self, imgs: Tensor, pool: str = "cls") -> Tensor:
+        """Unmasked encoding pooled to [N, D] (``pool`` of ``forward_features``); ``cls`` equals
+        timm's ``VisionTransformer`` with no head."""
+        return self.pool(self.forward_features(imgs), pool)
