@@ -203,3 +203,21 @@ def test_sama_matches_betty_on_an_mlp_with_adam():
     for a, b in zip(ours, theirs):
         assert a.norm() > 0
         assert float((a - b).norm() / b.norm()) < 5e-8
+
+
+def test_the_kept_gradient_is_part_of_the_engine_state():
+    """What SAMA reads outlives the outer step, so a checkpoint carries it: a fresh engine
+    loaded from the state takes the same next step, bit for bit."""
+    a, _, _ = ridge("sama", "adam", 2)
+    import copy
+    a.step()
+    state = copy.deepcopy(a.state_dict())   # as a checkpoint does: no tensor shared with a
+    assert set(state["kept_gradients"]) == {"lower"}
+    b, _, _ = ridge("sama", "adam", 2)
+    b.load_state_dict(state)
+    assert torch.equal(b.kept.gradients["lower"][0], a.kept.gradients["lower"][0])
+    a.step()
+    b.step()
+    for x, y in zip(a.problems["hyper"].params() + a.problems["lower"].params(),
+                    b.problems["hyper"].params() + b.problems["lower"].params()):
+        assert torch.equal(x, y)

@@ -57,6 +57,9 @@ def precondition(vs: list[Tensor], lower: LowerLevel) -> list[Tensor]:
     if not isinstance(opt, torch.optim.Adam):
         return vs
     groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    if lower.step_gradient is None and any(opt.state.get(p) for p in lower.params):
+        raise RuntimeError("sama needs the gradient the lower problem's optimizer last applied, "
+                           "and none was kept (is the lower problem unrolled for another push?)")
     grads = lower.step_gradient or [None] * len(vs)
     out = []
     with torch.no_grad():
