@@ -4,8 +4,10 @@ then the same evaluations for all, aggregated into benchmarks/RESULTS.md.
     python benchmarks/study/run_study.py                      # everything (resumes, skips finished)
     python benchmarks/study/run_study.py --methods mae_random,mlomae --seeds 0
     python benchmarks/study/run_study.py --report             # only the table and the plots
+    python benchmarks/study/run_study.py --study benchmarks/study/regime.yaml   # another study file
 
-Runs live in benchmarks/study/runs/METHOD-sSEED (git-ignored); a killed study is simply started
+Runs live in benchmarks/study/runs/METHOD-sSEED (git-ignored; another study file names its own
+folder with ``runs:``); a killed study is simply started
 again: finished runs are skipped, interrupted ones resume from their last checkpoint. Every run
 is tracked in the MLflow experiment `study`. The test split is read only by the final
 evaluations; nothing is selected on it.
@@ -26,7 +28,18 @@ sys.path.insert(0, str(ROOT))
 HERE = Path(__file__).resolve().parent
 from mlomae.config import load_yaml  # noqa: E402  (after the path is set)
 
-STUDY = load_yaml((HERE / "study.yaml").read_text())
+STUDY: dict = {}
+RUNS = HERE / "runs"
+
+
+def use_study(path: Path) -> None:
+    """Read a study file: its runs live in HERE / its ``runs`` key (default ``runs``)."""
+    global STUDY, RUNS
+    STUDY = load_yaml(Path(path).read_text())
+    RUNS = HERE / STUDY.get("runs", "runs")
+
+
+use_study(HERE / "study.yaml")
 
 
 def pretrain_per_outer(cfg) -> int:
@@ -36,8 +49,8 @@ def pretrain_per_outer(cfg) -> int:
 
 def overrides(method: str, seed: int) -> list[str]:
     spec = STUDY["methods"][method]
-    out = [f"seed={seed}", "tracking.experiment=study", f"tracking.run_name={method}-s{seed}",
-           f"tracking.runs_dir={HERE / 'runs'}", f"trainer.log_every={STUDY['log_every']}",
+    out = [f"seed={seed}", f"tracking.experiment={STUDY.get('experiment', 'study')}",
+           f"tracking.run_name={method}-s{seed}", f"tracking.runs_dir={RUNS}", f"trainer.log_every={STUDY['log_every']}",
            f"trainer.checkpoint_every={STUDY['checkpoint_every']}",
            "evaluation=" + json.dumps(STUDY["evaluation"])]
     out += [f"models.mae.{k}={v}" for k, v in STUDY["model"].items()]
@@ -73,7 +86,7 @@ def evaluate_missing(rd: Path, summary: dict) -> dict:
 def run_one(method: str, seed: int) -> dict:
     from mlomae.config import load
     from mlomae.run import Runner
-    rd = HERE / "runs" / f"{method}-s{seed}"
+    rd = RUNS / f"{method}-s{seed}"
     summary = rd / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "FINISHED":
         return evaluate_missing(rd, json.loads(summary.read_text()))
@@ -81,7 +94,7 @@ def run_one(method: str, seed: int) -> dict:
     ov = overrides(method, seed)
     cfg = load(exp, ov)
     per = pretrain_per_outer(cfg)
-    steps = STUDY["pretrain_steps"] // per
+    steps = STUDY["methods"][method].get("pretrain_steps", STUDY["pretrain_steps"]) // per
     cfg = load(exp, ov + [f"trainer.steps={steps}"])
     resume = (rd / "checkpoints").is_dir() and any((rd / "checkpoints").glob("*.pt"))
     if rd.exists() and not resume:  # stopped before its first checkpoint: nothing to keep
@@ -96,7 +109,7 @@ def run_one(method: str, seed: int) -> dict:
 
 def collect() -> dict:
     rows: dict = {}
-    for rd in sorted((HERE / "runs").glob("*-s*")):
+    for rd in sorted(RUNS.glob("*-s*")):
         s = rd / "summary.json"
         if not s.exists():
             continue
@@ -151,9 +164,10 @@ def report() -> str:
     return "\n".join(lines) + "\n\n" + paired(rows, metrics)
 
 
-def paired(rows: dict, metrics: dict, base: str = "mae_random") -> str:
+def paired(rows: dict, metrics: dict, base: str | None = None) -> str:
     """Each method minus ``base`` on the same seed, mean ± std over the seeds both have
     finished, and the pretraining time ratio: the comparison the study's goal is stated in."""
+    base = base or STUDY.get("baseline", "mae_random")
     by_seed = {r["seed"]: r for r in rows.get(base, [])}
     keys = [m for m in metrics if not m.endswith("_pixels_top1")]
     lines = [f"Difference from {base} on the same seed (points; time as a ratio):", "",
@@ -181,7 +195,7 @@ def plots() -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out_dir = HERE / "plots"
+    out_dir = HERE / STUDY.get("plots", "plots")
     out_dir.mkdir(exist_ok=True)
     rows = collect()
     methods = [m for m in STUDY["methods"] if rows.get(m)]
@@ -210,7 +224,7 @@ def plots() -> list[Path]:
     paths = [out_dir / "accuracy.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
-    heat = [(m, sorted((HERE / "runs").glob(f"{m}-s*/pictures/mask_heatmap.png"))) for m in methods]
+    heat = [(m, sorted(RUNS.glob(f"{m}-s*/pictures/mask_heatmap.png"))) for m in methods]
     heat = [(m, ps[0]) for m, ps in heat if ps]
     if heat:
         cols = min(5, len(heat))
@@ -230,10 +244,14 @@ def plots() -> list[Path]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=",".join(STUDY["methods"]))
-    ap.add_argument("--seeds", default=",".join(str(s) for s in STUDY["seeds"]))
+    ap.add_argument("--study", type=Path, default=HERE / "study.yaml", help="the study file")
+    ap.add_argument("--methods", default=None, help="default: every method of the study")
+    ap.add_argument("--seeds", default=None, help="default: the study's seeds")
     ap.add_argument("--report", action="store_true", help="only print the table from finished runs")
     args = ap.parse_args()
+    use_study(args.study)
+    args.methods = args.methods or ",".join(STUDY["methods"])
+    args.seeds = args.seeds or ",".join(str(s) for s in STUDY["seeds"])
     if not args.report:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for method in args.methods.split(","):
