@@ -84,6 +84,9 @@ class Runner:
         self.tracker: Tracker | None = None
         key = "--run-dir" if run_dir else "tracking.runs_dir"
         self._check_test_split()
+        if self.main:
+            chosen, why = self.built.precision
+            print(f"precision: {chosen} ({why})", file=self.stream)
         if resume:
             self.run_dir = RunDir(run_dir)
             self._restore()
@@ -274,6 +277,7 @@ class Runner:
             "device": str(self.built.device),
             "final_metrics": {k: v for k, v in metrics.last.items() if k != "step"},
             "eval": evals, "versions": versions(), "digest": self.digest,
+            "precision": self.built.precision[0],
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,
         }
 

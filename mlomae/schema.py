@@ -20,7 +20,7 @@ TOP_KEYS = {"name", "description", "seed", "defaults", "data", "models", "proble
 TRAINER_KEYS: dict[str, tuple[Any, Any]] = {
     "steps": (int, ...),
     "device": (str, "cpu"),
-    "precision": (str, "fp32"),
+    "precision": (str, "auto"),
     "log_every": (int, 10),
     "eval_every": (int, 0),
     "checkpoint_every": (int, 0),
@@ -54,7 +54,7 @@ DEPENDENCY_KEYS: dict[str, tuple[Any, Any]] = {
     "lower": (str, ...),
     "hypergrad": (dict, None),
 }
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _type_name(t: Any) -> str:

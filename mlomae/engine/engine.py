@@ -148,9 +148,10 @@ class Engine:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def evaluate(self, p: Problem, batch: Any) -> tuple[Tensor, dict[str, Any]]:
-        """``p.loss(batch)`` under the engine's autocast, as (loss, logs)."""
-        with self._autocast():
+    def evaluate(self, p: Problem, batch: Any, autocast: bool = True) -> tuple[Tensor, dict[str, Any]]:
+        """``p.loss(batch)`` under the engine's autocast (``autocast=False``: in the parameters'
+        own precision), as (loss, logs)."""
+        with self._autocast() if autocast else nullcontext():
             out = p.loss(batch)
         if isinstance(out, tuple):
             loss, logs = out
@@ -264,10 +265,12 @@ class Engine:
                              "trainer.on_nonfinite: skip to skip such steps instead")
 
     # -- hypergradients ---------------------------------------------------------------------
-    def _lower_view(self, q: Problem) -> LowerLevel:
+    def _lower_view(self, q: Problem, method: Method) -> LowerLevel:
+        precise = method.precise_loss   # e.g. finite differences: no autocast
+
         def loss_fn() -> Tensor:
             with rng.replay(q.last_rng, self._cuda):
-                return self.evaluate(q, q.last_batch)[0]
+                return self.evaluate(q, q.last_batch, autocast=not precise)[0]
 
         return LowerLevel(params=self.params_of(q), loss=loss_fn, lr=q.lr, reduce=self.reducer.mean,
                           optimizer=q.optimizer, step_gradient=self.kept.gradients.get(q.name))
@@ -286,7 +289,7 @@ class Engine:
             method = plan.methods[name]
             reached = [self.problems[r] for r in plan.inputs[name]]
             inputs = [t for r in reached for t in self.params_of(r)]
-            lower = self._lower_view(q)
+            lower = self._lower_view(q, method)
             if method.keeps is Keep.UNROLLED:
                 lower.trace, lower.retain_step = self.kept.take_window(q, reached)
             elif method.keeps is Keep.STEP_GRAPH:

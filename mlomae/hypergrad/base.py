@@ -91,6 +91,14 @@ class Method:
         backward (plain attention, not the fused CPU kernel)."""
         return False
 
+    @property
+    def precise_loss(self) -> bool:
+        """Whether the lower loss this push re-evaluates must be computed in full precision (no
+        autocast): a finite difference divides the difference of two gradients by 2ε, and an
+        approximate H⁻¹ amplifies errors in the Hessian products, so bf16 rounding would
+        dominate (tests/test_precision.py)."""
+        return False
+
     def unsupported(self, optimizer: torch.optim.Optimizer | None) -> str | None:
         """Why this method cannot push through a lower problem with ``optimizer`` (or None)."""
         return None

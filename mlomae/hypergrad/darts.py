@@ -45,6 +45,10 @@ class Darts(Method):
     def second_order(self) -> bool:
         return self.exact
 
+    @property
+    def precise_loss(self) -> bool:
+        return not self.exact
+
     def __call__(self, v: Sequence[Tensor], lower: LowerLevel,
                  inputs: Sequence[Tensor]) -> list[Tensor | None]:
         vs = [t.detach() for t in v]

@@ -39,6 +39,10 @@ class SAMA(Method):
     def keeps(self) -> Keep:
         return Keep.STEP_GRADIENT
 
+    @property
+    def precise_loss(self) -> bool:
+        return True
+
     def unsupported(self, optimizer: torch.optim.Optimizer | None) -> str | None:
         if optimizer is None or isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
             return None   # AdamW subclasses Adam in torch >= 2.6
