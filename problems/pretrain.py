@@ -12,6 +12,16 @@ Masking modes (``masking:`` in a ``Reconstruction`` entry):
   ``learned_mask`` holds the ``learned_fraction`` most probable of them (straight-through).
 - ``gumbel``: AutoMAE's generator: a Gumbel top-k with a straight-through estimator (``tau``),
   ``learned_fraction`` of the masked slots chosen by the generator, the rest random.
+- ``guided``: self-guided masks with no masker and no hypergradient (AMT): a per-patch
+  ``score`` from the image or the MAE itself (``pixel_spread``: each patch's pixel standard
+  deviation, free; ``attention``: the MAE's last-block class-token attention on the unmasked
+  image, one extra forward without gradient), masks *sampled* ∝ score^(1/``temperature``) for
+  ``1 - random_share`` of the masked slots and uniform for the rest (``models.masking.
+  guided_masking``), random masks for the first ``warmup_steps`` steps of this problem.
+
+``throw`` (random and guided modes) throws the given share of each image's lowest-scored
+patches (by ``score``) out of both the encoder input and the loss (AMT's throwing); the mask
+ratio then applies to the patches kept.
 
 In the learned modes the masker is the module of the problem named ``masker`` (default ``mask``),
 read through the engine, so unrolled steps and finite differences see the masker they perturb.
@@ -32,11 +42,12 @@ import torch
 from torch import Tensor, nn
 
 from mlomae.engine import Problem
-from mlomae.models.masking import (Masking, foreground_boxes, gumbel_topk_masking, num_learned,
-                                   num_masked, object_prior_masking, prob_topk_masking,
-                                   random_masking)
+from mlomae.models.masking import (Masking, foreground_boxes, guided_masking, gumbel_topk_masking,
+                                   num_learned, num_masked, num_thrown, object_prior_masking,
+                                   patch_spread, prob_topk_masking, random_masking)
 
-MODES = ("random", "object_prior", "mlo", "gumbel")
+MODES = ("random", "object_prior", "mlo", "gumbel", "guided")
+SCORES = ("pixel_spread", "attention")
 
 
 # -- masking ----------------------------------------------------------------------------------
@@ -56,6 +67,10 @@ class MaskingSpec:
     detach_masker_input: bool = True   # mlo/gumbel over MAE embeddings: cut the masker's input
     masker_input: str = "auto"         # embeddings | images | auto (images if it has patch_embed)
     weighting: str = "probability"     # mlo: loss weights = probabilities | normalized (mean 1)
+    score: str = "pixel_spread"        # guided (and throw): pixel_spread | attention
+    random_share: float = 0.5          # guided: share of the masked slots drawn uniformly
+    temperature: float = 1.0           # guided: masks drawn ∝ score^(1/temperature)
+    throw: float = 0.0                 # random, guided: share of patches thrown out (lowest score)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,6 +87,15 @@ class MaskingSpec:
             raise ValueError(f"weighting must be probability or normalized (got {self.weighting!r})")
         if self.background not in ("border", "zero"):
             raise ValueError(f"background must be border or zero (got {self.background!r})")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)} (got {self.score!r})")
+        if not 0.0 <= self.random_share <= 1.0:
+            raise ValueError(f"random_share must lie in [0, 1] (got {self.random_share!r})")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature!r})")
+        if self.throw and self.mode not in ("random", "guided"):
+            raise ValueError(f"throw applies to masking random or guided, not {self.mode!r}")
+        num_masked(100 - num_thrown(100, self.throw), self.ratio)   # raises on a bad throw
 
     @property
     def learned(self) -> bool:
@@ -99,12 +123,27 @@ class MaskingSpec:
         # maskers expose logits(x); a generator's forward returns logits itself
         return masker.logits(x) if hasattr(masker, "logits") else masker(x)
 
+    def scores(self, imgs: Tensor, mae: nn.Module) -> Tensor:
+        """The guided modes' per-patch score [N, L] (no gradient)."""
+        if self.score == "attention":
+            was = mae.training
+            mae.eval()
+            try:
+                return mae.cls_attention(imgs)
+            finally:
+                mae.train(was)
+        return patch_spread(imgs.detach(), mae.patch_size)
+
     def make(self, imgs: Tensor, mae: nn.Module, masker: nn.Module | None = None,
              boxes: Tensor | None = None) -> Masking:
         """One ``Masking`` for images [N, C, H, W]. Randomness from torch's global generator."""
         N, L = imgs.shape[0], mae.num_patches
-        if self.mode == "random":
+        if self.mode == "random" and not self.throw:
             return random_masking(N, L, self.ratio, device=imgs.device)
+        if self.mode in ("random", "guided"):
+            share = 1.0 if self.mode == "random" else self.random_share
+            return guided_masking(self.scores(imgs, mae), self.ratio, random_share=share,
+                                  temperature=self.temperature, throw=self.throw)
         if self.mode == "object_prior":
             if boxes is None:
                 boxes = foreground_boxes(imgs, self.box_threshold, self.background)
@@ -153,7 +192,9 @@ class Reconstruction(Problem):
     ``detach_masker_input`` (true), ``masker_input``
     (auto), ``weighting`` (mlo: ``probability``, MLO-MAE's, or ``normalized``, the masked
     patches' weights divided by their mean probability). The module is a
-    ``MaskedAutoencoder``. Offers ``masks_with`` (``problems.interfaces.MaskMaker``).
+    ``MaskedAutoencoder``. Offers ``masks_with`` (``problems.interfaces.MaskMaker``). Guided
+    masking: ``score``, ``random_share`` (0.5), ``temperature`` (1), ``warmup_steps`` (0);
+    ``throw`` (0) in the random and guided modes.
     """
 
     augment = True
@@ -162,11 +203,19 @@ class Reconstruction(Problem):
                  masker: str = "mask", beta: float = 0.5, box_threshold: float = 0.5,
                  background: str = "border", tau: float = 1.0, learned_fraction: float = 1 / 3,
                  detach_masker_input: bool = True, masker_input: str = "auto",
-                 weighting: str = "probability", **kwargs):
+                 weighting: str = "probability", score: str = "pixel_spread",
+                 random_share: float = 0.5, temperature: float = 1.0, throw: float = 0.0,
+                 warmup_steps: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = MaskingSpec(masking, mask_ratio, beta, box_threshold, background, tau,
                                 learned_fraction, bool(detach_masker_input), masker_input,
-                                weighting)
+                                weighting, score, float(random_share), float(temperature),
+                                float(throw))
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer (got {warmup_steps!r})")
+        self.warmup_steps = warmup_steps
+        # the warm-up's masks: random, same ratio and throwing
+        self.warmup_spec = MaskingSpec("random", mask_ratio, throw=float(throw), score=score)
         self.masker = masker
         if self.spec.learned and masker not in self.reads:
             raise ValueError(f"masking '{masking}' reads the masker of problem '{masker}': add "
@@ -185,6 +234,8 @@ class Reconstruction(Problem):
         """The masks this problem would train on for ``imgs`` [N, C, H, W] (same mode, same
         masker); wrap in ``torch.no_grad()`` when only looking."""
         masker = self.read(self.masker) if self.spec.learned else None
+        if self.spec.mode == "guided" and self.step_count < self.warmup_steps:
+            return self.warmup_spec.make(imgs, self.module)
         return self.spec.make(imgs, self.module, masker, boxes)
 
     def reconstruct(self, imgs: Tensor, masking: Masking | None = None,

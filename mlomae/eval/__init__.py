@@ -79,7 +79,7 @@ def _fingerprint(model) -> float:
 
 
 def role_features(built, name: str, model, role: str, pool: str, batch_size: int,
-                  items: np.ndarray):
+                  items: np.ndarray, label: str = "features"):
     """Features and labels of ``items`` of ``role``. Extractions are kept in ``built.context``
     for the same weights: a label fraction is sliced out of the whole role when that is there."""
     from .features import extract, role_items
@@ -96,7 +96,7 @@ def role_features(built, name: str, model, role: str, pool: str, batch_size: int
         x, y = cache[key_of(full)]
         pos = torch.from_numpy(np.flatnonzero(np.isin(full, items)))
         return x[pos], y[pos]
-    cache[key_of(items)] = extract(built, model, role, items, pool, batch_size)
+    cache[key_of(items)] = extract(built, model, role, items, pool, batch_size, label)
     return cache[key_of(items)]
 
 
@@ -124,11 +124,12 @@ def _frozen(kind: str):
         check_roles(built, spec, key=key)
         name, model = resolve_model(built, spec["model"], key=key)
         bs = batch_size_of(built, spec)
+        label = f"{key} {kind}: {name} features"
         tr = role_features(built, name, model, spec["train"], spec["pool"], bs,
-                           role_items(built, spec["train"], spec["labels"]))
+                           role_items(built, spec["train"], spec["labels"]), label)
         te = role_features(built, name, model, spec["test"], spec["pool"], bs,
-                           role_items(built, spec["test"]))
-        top1 = {"linear": linear, "knn": knn}[kind].run(built, spec, (*tr, *te))
+                           role_items(built, spec["test"]), label)
+        top1 = {"linear": linear, "knn": knn}[kind].run(built, spec, (*tr, *te), label=f"{key} {kind}")
         out_name = _name(built, spec, key)
         _say(key, out_name, top1, t0)
         return {out_name: top1}
@@ -152,7 +153,7 @@ def finetune_protocol(built, spec: Mapping[str, Any], run_dir: Path, key: str) -
     if model is None:
         raise ConfigError(f"fine-tuning needs a model with weights, not '{PIXELS}'",
                           file=built.cfg.file, key=f"{key}.model", value=name)
-    top1 = finetune.run(built, spec, model)
+    top1 = finetune.run(built, spec, model, label=f"{key} finetune")
     out_name = _name(built, spec, key)
     _say(key, out_name, top1, t0)
     return {out_name: top1}

@@ -125,18 +125,23 @@ def features_of(model: nn.Module | None, imgs: Tensor, pool: str) -> Tensor:
 
 @torch.no_grad()
 def extract(built, model: nn.Module | None, role: str, items: np.ndarray, pool: str,
-            batch_size: int) -> tuple[Tensor, Tensor]:
+            batch_size: int, label: str = "features") -> tuple[Tensor, Tensor]:
     """Frozen features [n, D] (float32, CPU) and labels [n] of ``items`` of ``role``, eval
-    transform, no augmentation; the model is in eval mode meanwhile."""
+    transform, no augmentation; the model is in eval mode meanwhile. A progress line (``label``)
+    when it takes more than a few seconds."""
+    from ..progress import ProgressLine
     was = model.training if model is not None else False
     if model is not None:
         model.eval()
     feats, labels = [], []
+    loader = loader_for(built, role, items, batch_size)
     try:
-        with fused_attention(model if model is not None else nn.Module(), True):
-            for x, y in loader_for(built, role, items, batch_size).iter_epoch():
+        with fused_attention(model if model is not None else nn.Module(), True), \
+                ProgressLine(f"{label} of {role}", len(loader), "batches") as bar:
+            for x, y in loader.iter_epoch():
                 feats.append(features_of(model, x, pool).float().cpu())
                 labels.append(y.cpu())
+                bar.update()
     finally:
         if model is not None:
             model.train(was)

@@ -88,7 +88,9 @@ def accuracy(model: nn.Module, batches) -> float:
     return 100.0 * correct / max(n, 1)
 
 
-def _train(built, spec: Mapping[str, Any], model: nn.Module, items, train) -> FeatureClassifier:
+def _train(built, spec: Mapping[str, Any], model: nn.Module, items, train,
+           label: str = "finetune") -> FeatureClassifier:
+    from ..progress import ProgressLine
     encoder = copy.deepcopy(model).eval()
     set_fused_attention(encoder, True)   # first-order training: the fused kernel is allowed
     with torch.no_grad():   # the feature width, from one image
@@ -100,9 +102,11 @@ def _train(built, spec: Mapping[str, Any], model: nn.Module, items, train) -> Fe
     total = spec["epochs"] * len(train)
     warmup = int(round(spec["warmup_epochs"] * len(train)))
     step = 0
+    bar = ProgressLine(f"{label}: training", total, "steps")
     for _ in range(spec["epochs"]):
         clf.train()
         for x, y in train.iter_epoch():
+            bar.update()
             f = lr_factor(step, total, warmup)
             for g in opt.param_groups:
                 g["lr"] = spec["lr"] * f * g["lr_scale"]
@@ -111,10 +115,11 @@ def _train(built, spec: Mapping[str, Any], model: nn.Module, items, train) -> Fe
             loss.backward()
             opt.step()
             step += 1
+    bar.close()
     return clf
 
 
-def run(built, spec: Mapping[str, Any], model: nn.Module) -> float:
+def run(built, spec: Mapping[str, Any], model: nn.Module, label: str = "finetune") -> float:
     """Fine-tune a copy of ``model`` on the train role's (labelled share of) items; test top-1."""
     seed = built.cfg["seed"] if spec["seed"] is None else spec["seed"]
     bs = int(spec.get("batch_size") or built.data.section.get("batch_size", 128))
@@ -126,6 +131,6 @@ def run(built, spec: Mapping[str, Any], model: nn.Module) -> float:
     # the seed fixes the head's init and any dropout; the caller's random stream is left alone
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clf = _train(built, spec, model, items, train)
+        clf = _train(built, spec, model, items, train, label)
     clf.eval()
     return accuracy(clf, test.iter_epoch())

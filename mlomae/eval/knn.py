@@ -38,7 +38,7 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: i
     return knn_scores(train_x, train_y, test_x, num_classes, **options).argmax(1)
 
 
-def run(built, spec: Mapping[str, Any], features) -> float:
+def run(built, spec: Mapping[str, Any], features, label: str = "knn") -> float:
     xtr, ytr, xte, yte = features
     pred = knn_predict(xtr, ytr, xte, built.data.meta.num_classes, k=spec["k"],
                        temperature=spec["temperature"], vote=spec["vote"])

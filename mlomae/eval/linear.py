@@ -28,8 +28,11 @@ class LinearClassifier:
 
 
 def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, weight_decay: float = 1e-4,
-               max_iter: int = 500, standardize: bool = True) -> LinearClassifier:
-    """Fit on features x [n, D] with labels y [n] in 0..num_classes-1."""
+               max_iter: int = 500, standardize: bool = True,
+               label: str | None = None) -> LinearClassifier:
+    """Fit on features x [n, D] with labels y [n] in 0..num_classes-1 (a progress line named
+    ``label`` when the fit takes more than a few seconds)."""
+    from ..progress import ProgressLine
     x = x.float()
     if standardize:
         mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
@@ -42,13 +45,17 @@ def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, weight_decay: float = 
                             tolerance_grad=1e-6, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
 
+    bar = ProgressLine(f"{label or 'linear'}: L-BFGS", max_iter, "iterations")
+
     def closure() -> Tensor:
         opt.zero_grad()
         loss = F.cross_entropy(z @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
         loss.backward()
+        bar.done = min(bar.total - 1, opt.state[w].get("n_iter", 0)) if opt.state.get(w) else 0
+        bar.update(1)
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), bar:
         opt.step(closure)
     return LinearClassifier(w.detach(), b.detach(), mean, std)
 
@@ -65,9 +72,9 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     return top1(clf.logits(test_x.float()), test_y)
 
 
-def run(built, spec: Mapping[str, Any], features) -> float:
+def run(built, spec: Mapping[str, Any], features, label: str = "linear") -> float:
     """The ``linear`` protocol on features already extracted: ``features = (xtr, ytr, xte, yte)``."""
     xtr, ytr, xte, yte = features
     return linear_probe(xtr, ytr, xte, yte, built.data.meta.num_classes,
                         weight_decay=spec["weight_decay"], max_iter=spec["max_iter"],
-                        standardize=spec["standardize"])
+                        standardize=spec["standardize"], label=label)

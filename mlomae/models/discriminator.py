@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -35,7 +36,11 @@ class MaskDiscriminator(nn.Module):
         if masks[0].numel() != gh * gw:
             raise ValueError(f"expected masks of {gh}x{gw} patches, got shape {tuple(masks.shape)}")
         x = masks.reshape(masks.shape[0], 1, gh, gw)
-        return self.net(x).mean(dim=(1, 2, 3))                      # [N, 1, h', w'] -> [N]
+        # in the parameters' precision even under autocast: spectral norm's power iteration
+        # gave non-finite gradients in bf16 at small widths, and the network is tiny
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(self.net[0].bias.dtype)
+            return self.net(x).mean(dim=(1, 2, 3))                  # [N, 1, h', w'] -> [N]
 
 
 def lsgan_d_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:

@@ -176,6 +176,16 @@ class MaskedAutoencoder(nn.Module):
         per_patch = self.patch_loss(imgs, pred)
         return self.masked_loss(per_patch, masking), pred, per_patch
 
+    @torch.no_grad()
+    def cls_attention(self, imgs: Tensor) -> Tensor:
+        """[N, L]: the last block's attention of the class token to each patch on the unmasked
+        image, averaged over heads (AMT's masking score); no gradient."""
+        from mlomae.models.attention import block_attention
+        x = self._prepend_cls(self.embed_patches(imgs))            # [N, 1 + L, D]
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return block_attention(self.blocks[-1], x)[:, :, 0, 1:].mean(dim=1)
+
     # ---- features for probes and heads ------------------------------------------------------
     def forward_features(self, imgs: Tensor) -> Tensor:
         """Unmasked encoding, every token after the final norm: [N, 1 + L, D] (timm's

@@ -26,6 +26,7 @@ __all__ = [
     "Masking", "num_masked", "num_learned", "masking_from_hard", "random_masking",
     "score_masking", "prob_topk_masking", "gumbel_topk_masking", "sample_gumbel",
     "box_patches", "object_prior_masking", "foreground_boxes", "random_rect_masks",
+    "patch_spread", "masking_from_sets", "num_thrown", "guided_masking",
 ]
 
 
@@ -46,6 +47,7 @@ class Masking:
 
     @property
     def num_masked(self) -> int:
+        """Patches not given to the encoder (masked and thrown)."""
         return self.ids_restore.shape[1] - self.ids_keep.shape[1]
 
 
@@ -290,3 +292,74 @@ def random_rect_masks(N: int, grid: tuple[int, int], ratio: float | None, *,
     # Exact count: rank patches rectangle-first, each group in random order, and keep the top k.
     keys = rects + torch.rand(N, L, generator=generator, device=device) * 0.5
     return _topk_indicator(keys, k).view(N, gh, gw)
+
+
+# -- self-guided masks: sampled by a score, optionally throwing the lowest-scored patches ----------
+
+def patch_spread(imgs: Tensor, patch_size: int) -> Tensor:
+    """A zero-cost patch score: the standard deviation of each patch's pixels (all channels),
+    [N, C, H, W] -> [N, L] in the MAE's patch order (row-major). Flat background scores 0."""
+    N, C, H, W = imgs.shape
+    p = patch_size
+    x = imgs.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, C * p * p)
+    return x.float().std(dim=2, unbiased=False)
+
+
+def num_thrown(L: int, throw: float) -> int:
+    """Patches thrown out of both the encoder input and the loss: ``int(throw * L)``, leaving at
+    least two (one visible, one masked)."""
+    if not 0.0 <= throw < 1.0:
+        raise ValueError(f"throw must be in [0, 1), got {throw!r}")
+    n = int(throw * L + 1e-9)
+    if L - n < 2:
+        raise ValueError(f"throw {throw!r} leaves {L - n} of {L} patches; need at least two")
+    return n
+
+
+def masking_from_sets(masked: Tensor, thrown: Tensor) -> Masking:
+    """A ``Masking`` from 0/1 [N, L] indicators of masked and thrown patches (disjoint, the same
+    counts in every row); every other patch is visible. Thrown patches are neither given to the
+    encoder nor reconstructed (``mask`` 0 there); the decoder puts mask tokens at them."""
+    state = masked.detach() + 2 * thrown.detach()                  # 0 visible, 1 masked, 2 thrown
+    if state.max() > 2 or not torch.all((state > 0).sum(1) == (state > 0).sum(1)[0]):
+        raise ValueError("masked and thrown patches must be disjoint, with one count per row")
+    keep = masked.shape[1] - int((state[0] > 0).sum())
+    ids_shuffle = torch.sort(state, dim=1, stable=True).indices    # visible, masked, thrown
+    return Masking(mask=masked, ids_keep=ids_shuffle[:, :keep],
+                   ids_restore=torch.argsort(ids_shuffle, dim=1))
+
+
+def guided_masking(scores: Tensor, ratio: float, *, random_share: float = 0.5,
+                   temperature: float = 1.0, throw: float = 0.0,
+                   generator: torch.Generator | None = None) -> Masking:
+    """Masks sampled by a per-patch score [N, L] (AMT's attention-guided masking, HPM's
+    predicted loss, or the pixel spread), as pure tensor code:
+
+    - throw: the ``num_thrown(L, throw)`` lowest-scored patches of each image are thrown out
+      (AMT's throwing: out of the encoder input and the loss; ties to the lower index);
+    - of the L' patches left, exactly ``num_masked(L', ratio)`` = k are masked: the
+      ``round((1 - random_share) k)`` guided ones drawn without replacement with probability
+      ∝ score^(1/temperature) (Gumbel-top-k on log(score)/temperature; a patch with score 0
+      only after every positive one), the rest uniformly among the kept patches left.
+
+    No gradient flows into the scores: the selection is a draw.
+    """
+    if not 0.0 <= random_share <= 1.0:
+        raise ValueError(f"random_share must be in [0, 1], got {random_share!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    s = scores.detach().float()
+    N, L = s.shape
+    n_throw = num_thrown(L, throw)
+    k = num_masked(L - n_throw, ratio)
+    k_guided = int(round((1.0 - random_share) * k))
+    # thrown: the lowest scores (a stable ascending sort of the negated index order)
+    thrown = _topk_indicator(-s, n_throw) if n_throw else torch.zeros_like(s)
+    logs = torch.log(s.clamp_min(0.0)).div(temperature)           # -inf for a zero score
+    keys = logs + sample_gumbel((N, L), dtype=s.dtype, device=s.device, generator=generator)
+    keys = torch.where(torch.isfinite(keys), keys, torch.full_like(keys, -1e30))
+    guided = _topk_indicator(keys.masked_fill(thrown.bool(), -float("inf")), k_guided)
+    u = torch.rand(N, L, dtype=s.dtype, device=s.device, generator=generator)
+    rest = _topk_indicator(u.masked_fill((guided + thrown).bool(), -1.0), k - k_guided)
+    return masking_from_sets((guided + rest).to(torch.get_default_dtype()),
+                             thrown.to(torch.get_default_dtype()))

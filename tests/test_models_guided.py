@@ -1,0 +1,83 @@
+"""Self-guided masks: the pixel-spread score, sampling by a score with a random share, throwing,
+and the guided mode's warm-up, on hand-made inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mlomae.models.masking import guided_masking, num_thrown, patch_spread, random_masking
+
+
+def test_patch_spread_by_hand():
+    """2x2 patches of a 4x4 image: constant (0), a checkerboard of 0 and 1 (std 0.5), a ramp
+    0,1,2,3 (std sqrt(1.25)), one bright pixel of 4 (std sqrt(3))."""
+    img = torch.tensor([[7., 7., 0., 1.],
+                        [7., 7., 1., 0.],
+                        [0., 1., 4., 0.],
+                        [2., 3., 0., 0.]]).reshape(1, 1, 4, 4)
+    torch.testing.assert_close(patch_spread(img, 2), torch.tensor([[0.0, 0.5, math.sqrt(1.25), math.sqrt(3.0)]]))
+
+
+def test_guided_masks_are_exact_counts_and_respect_the_scores():
+    """random_share 0: only the positive-score patches are masked while there are enough of
+    them; thrown patches (the lowest scores, ties to the lower index) are neither visible nor
+    masked; the counts are MAE's over the patches kept."""
+    scores = torch.tensor([[0., 0., 3., 2., 0., 5., 1., 0., 4., 0.]]).repeat(4, 1)
+    m = guided_masking(scores, 0.5, random_share=0.0, throw=0.2, generator=torch.Generator().manual_seed(0))
+    thrown = torch.zeros(4, 10)
+    thrown[:, [0, 1]] = 1                                  # two lowest, lower index first
+    masked_count = 4                                       # num_masked(8, 0.5)
+    assert torch.equal(m.mask.sum(1), torch.full((4,), float(masked_count)))
+    assert m.ids_keep.shape == (4, 8 - masked_count)
+    visible = torch.zeros(4, 10).scatter(1, m.ids_keep, 1.0)
+    assert torch.equal(visible + m.mask + thrown, torch.ones(4, 10))
+    # 4 of the 5 positive patches are drawn; a zero-score patch is never masked
+    assert torch.all(m.mask[:, [4, 7, 9]] == 0)
+    # ids_restore inverts the encoder's order (visible, masked, thrown)
+    order = torch.argsort(m.ids_restore, dim=1)
+    assert torch.equal(order[:, :4], m.ids_keep)
+
+
+def test_guided_draw_is_proportional_to_the_score():
+    """k = 1 of L = 4 (ratio 0.25 of 4 keeps 3): P(i masked) = s_i^(1/T) / sum_j s_j^(1/T);
+    20000 draws land within 4 standard deviations of it, for T = 1 and T = 0.5."""
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    n = 20000
+    g = torch.Generator().manual_seed(1)
+    for t in (1.0, 0.5):
+        m = guided_masking(s.repeat(n, 1), 0.25, random_share=0.0, temperature=t, generator=g)
+        freq = m.mask.mean(0)
+        p = s ** (1 / t) / (s ** (1 / t)).sum()
+        assert torch.all((freq - p).abs() < 4 * torch.sqrt(p * (1 - p) / n)), (t, freq, p)
+
+
+def test_random_share_one_is_uniform_and_throw_bounds():
+    """random_share 1 ignores the score (the mask frequency of a zero-score patch is the
+    uniform k/L); num_thrown floors and refuses to leave fewer than two patches."""
+    n, g = 20000, torch.Generator().manual_seed(2)
+    scores = torch.tensor([[0.0, 1.0, 1.0, 5.0]]).repeat(n, 1)
+    freq = guided_masking(scores, 0.5, random_share=1.0, generator=g).mask.mean(0)
+    assert torch.all((freq - 0.5).abs() < 4 * math.sqrt(0.25 / n))
+    assert [num_thrown(49, t) for t in (0.0, 0.1, 0.2, 0.5)] == [0, 4, 9, 24]
+    with pytest.raises(ValueError, match="leaves 1 of 4"):
+        num_thrown(4, 0.8)
+
+
+def test_guided_mode_warms_up_with_random_masks():
+    from problems.pretrain import Reconstruction
+    from test_problems_tiny import tiny_mae
+    p = Reconstruction("pretrain", tiny_mae(), masking="guided", warmup_steps=2)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    warm = p.masking_for(x)
+    torch.manual_seed(5)
+    ref = random_masking(3, p.module.num_patches, 0.75)
+    assert torch.equal(warm.mask, ref.mask) and torch.equal(warm.ids_keep, ref.ids_keep)
+    p.step_count = 2
+    torch.manual_seed(5)
+    assert not torch.equal(p.masking_for(x).ids_keep, ref.ids_keep)
+    with pytest.raises(ValueError, match="throw applies"):
+        Reconstruction("pretrain", tiny_mae(), masking="object_prior", throw=0.2)
