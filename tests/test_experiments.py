@@ -150,7 +150,7 @@ def test_each_mae_experiment_runs_a_few_steps_tiny(name, tmp_path):
             assert torch.isfinite(t).all(), name_
 
 
-@pytest.mark.parametrize("method", ["darts", "unroll", "neumann", "cg", "first_order"])
+@pytest.mark.parametrize("method", ["darts", "unroll", "neumann", "cg", "sama", "first_order"])
 def test_ablation_runs_under_each_method(method, tmp_path):
     """The sweep's grid points, tiny: each method takes two outer steps; the second-order ones
     run with the MAE's fused attention off, the others keep it."""
@@ -162,7 +162,7 @@ def test_ablation_runs_under_each_method(method, tmp_path):
     summary = runner.run()
     assert summary["status"] == "FINISHED"
     fused = {a.fused_attn for a in runner.built.models["mae"].modules() if hasattr(a, "fused_attn")}
-    assert fused == {method in ("darts", "first_order")}
+    assert fused == {method in ("darts", "sama", "first_order")}
 
 
 def test_exponent_without_a_dot_is_a_number(tmp_path):
