@@ -3,6 +3,9 @@
 Masking modes (``masking:`` in a ``Reconstruction`` entry):
 
 - ``random``: MAE's uniform random masking.
+- ``block``: one object-like rectangle of masked patches per image (``random_rect_masks``: an
+  aspect ratio log-uniform in [1/3, 3], exactly ``mask_ratio`` of the patches), the fixed
+  alternative to random masks.
 - ``object_prior``: AutoMAE's Figure 2 prior: patches overlapping the object box are masked with
   weight ``1 + beta``. Boxes come with the batch when the dataset has them (``(x, y, boxes)``),
   else from ``foreground_boxes`` (the box of pixels that differ from the border by more than
@@ -44,9 +47,10 @@ from torch import Tensor, nn
 from mlomae.engine import Problem
 from mlomae.models.masking import (Masking, foreground_boxes, guided_masking, gumbel_topk_masking,
                                    num_learned, num_masked, num_thrown, object_prior_masking,
-                                   patch_spread, prob_topk_masking, random_masking)
+                                   masking_from_hard, patch_spread, prob_topk_masking,
+                                   random_masking, random_rect_masks)
 
-MODES = ("random", "object_prior", "mlo", "gumbel", "guided")
+MODES = ("random", "block", "object_prior", "mlo", "gumbel", "guided")
 SCORES = ("pixel_spread", "attention")
 
 
@@ -140,6 +144,9 @@ class MaskingSpec:
         N, L = imgs.shape[0], mae.num_patches
         if self.mode == "random" and not self.throw:
             return random_masking(N, L, self.ratio, device=imgs.device)
+        if self.mode == "block":
+            rects = random_rect_masks(N, mae.grid_size, self.ratio, device=imgs.device)
+            return masking_from_hard(rects.flatten(1).to(imgs.dtype))
         if self.mode in ("random", "guided"):
             share = 1.0 if self.mode == "random" else self.random_share
             return guided_masking(self.scores(imgs, mae), self.ratio, random_share=share,

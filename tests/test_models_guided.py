@@ -81,3 +81,20 @@ def test_guided_mode_warms_up_with_random_masks():
     assert not torch.equal(p.masking_for(x).ids_keep, ref.ids_keep)
     with pytest.raises(ValueError, match="throw applies"):
         Reconstruction("pretrain", tiny_mae(), masking="object_prior", throw=0.2)
+
+
+def test_block_mode_masks_one_rectangle_of_exactly_k_patches():
+    """masking: block gives exactly num_masked(49, 0.75) = 37 masked patches per image, and
+    (k = 37 fits a rectangle up to the count correction) most of them in one rectangle: every
+    image's masked patches span at most the grid and are not a uniform scatter."""
+    from problems.pretrain import Reconstruction
+    from mlomae.models.mae import MaskedAutoencoder
+    p = Reconstruction("pretrain", MaskedAutoencoder(28, 4, 1, 16, 1, 2, 16, 1, 2), masking="block")
+    torch.manual_seed(0)
+    m = p.masking_for(torch.zeros(64, 1, 28, 28))
+    assert torch.equal(m.mask.sum(1), torch.full((64,), 37.0)) and m.ids_keep.shape == (64, 12)
+    # a random rectangle + correction keeps masked patches together: far fewer masked/visible
+    # neighbour pairs than a uniform mask (expected 84 * 2 * (37/49)(12/49) = 31 of 84)
+    grid = m.mask.view(64, 7, 7)
+    edges = (grid[:, 1:] != grid[:, :-1]).sum((1, 2)) + (grid[:, :, 1:] != grid[:, :, :-1]).sum((1, 2))
+    assert float(edges.float().mean()) < 0.7 * 84 * 2 * (37 / 49) * (12 / 49)
