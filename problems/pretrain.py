@@ -20,7 +20,12 @@ Masking modes (``masking:`` in a ``Reconstruction`` entry):
   deviation, free; ``attention``: the MAE's last-block class-token attention on the unmasked
   image, one extra forward without gradient), masks *sampled* ∝ score^(1/``temperature``) for
   ``1 - random_share`` of the masked slots and uniform for the rest (``models.masking.
-  guided_masking``), random masks for the first ``warmup_steps`` steps of this problem.
+  guided_masking``), random masks for the first ``warmup_steps`` steps of this problem;
+  ``predicted_loss`` (HPM): the MAE's own loss predictor (``MaskedAutoencoder(loss_predictor=
+  true)``), trained here with a pairwise ranking loss on the masked patches' reconstruction
+  losses (weight ``rank_weight``); with ``temperature: 0`` the highest-predicted patches are
+  taken rather than sampled, and ``ramp_steps`` ramps their share of the mask from 0 to
+  ``1 - random_share`` (HPM's easy-to-hard schedule).
 
 ``throw`` (random and guided modes) throws the given share of each image's lowest-scored
 patches (by ``score``) out of both the encoder input and the loss (AMT's throwing); the mask
@@ -38,7 +43,7 @@ fused CPU attention cannot; the builder switches the module (the ``fused_attenti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -51,7 +56,7 @@ from mlomae.models.masking import (Masking, foreground_boxes, guided_masking, gu
                                    random_masking, random_rect_masks)
 
 MODES = ("random", "block", "object_prior", "mlo", "gumbel", "guided")
-SCORES = ("pixel_spread", "attention")
+SCORES = ("pixel_spread", "attention", "predicted_loss")
 
 
 # -- masking ----------------------------------------------------------------------------------
@@ -71,9 +76,9 @@ class MaskingSpec:
     detach_masker_input: bool = True   # mlo/gumbel over MAE embeddings: cut the masker's input
     masker_input: str = "auto"         # embeddings | images | auto (images if it has patch_embed)
     weighting: str = "probability"     # mlo: loss weights = probabilities | normalized (mean 1)
-    score: str = "pixel_spread"        # guided (and throw): pixel_spread | attention
+    score: str = "pixel_spread"        # guided (and throw): pixel_spread | attention | predicted_loss
     random_share: float = 0.5          # guided: share of the masked slots drawn uniformly
-    temperature: float = 1.0           # guided: masks drawn ∝ score^(1/temperature)
+    temperature: float = 1.0           # guided: masks drawn ∝ score^(1/temperature); 0: top scores
     throw: float = 0.0                 # random, guided: share of patches thrown out (lowest score)
 
     def __post_init__(self) -> None:
@@ -95,8 +100,8 @@ class MaskingSpec:
             raise ValueError(f"score must be one of {', '.join(SCORES)} (got {self.score!r})")
         if not 0.0 <= self.random_share <= 1.0:
             raise ValueError(f"random_share must lie in [0, 1] (got {self.random_share!r})")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature!r})")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (got {self.temperature!r})")
         if self.throw and self.mode not in ("random", "guided"):
             raise ValueError(f"throw applies to masking random or guided, not {self.mode!r}")
         num_masked(100 - num_thrown(100, self.throw), self.ratio)   # raises on a bad throw
@@ -129,6 +134,9 @@ class MaskingSpec:
 
     def scores(self, imgs: Tensor, mae: nn.Module) -> Tensor:
         """The guided modes' per-patch score [N, L] (no gradient)."""
+        if self.score == "predicted_loss":
+            with torch.no_grad():
+                return mae.predict_patch_loss(imgs)
         if self.score == "attention":
             was = mae.training
             mae.eval()
@@ -212,15 +220,20 @@ class Reconstruction(Problem):
                  detach_masker_input: bool = True, masker_input: str = "auto",
                  weighting: str = "probability", score: str = "pixel_spread",
                  random_share: float = 0.5, temperature: float = 1.0, throw: float = 0.0,
-                 warmup_steps: int = 0, **kwargs):
+                 warmup_steps: int = 0, ramp_steps: int = 0, rank_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = MaskingSpec(masking, mask_ratio, beta, box_threshold, background, tau,
                                 learned_fraction, bool(detach_masker_input), masker_input,
                                 weighting, score, float(random_share), float(temperature),
                                 float(throw))
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer (got {warmup_steps!r})")
-        self.warmup_steps = warmup_steps
+        for key, v in (("warmup_steps", warmup_steps), ("ramp_steps", ramp_steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{key} must be a non-negative integer (got {v!r})")
+        self.warmup_steps, self.ramp_steps, self.rank_weight = warmup_steps, ramp_steps, float(rank_weight)
+        if self.spec.score == "predicted_loss" and (masking == "guided" or throw) \
+                and getattr(self.module, "decoder_loss_pred", None) is None:
+            raise ValueError("score predicted_loss needs the MAE's loss predictor: set "
+                             "loss_predictor: true in its model")
         # the warm-up's masks: random, same ratio and throwing
         self.warmup_spec = MaskingSpec("random", mask_ratio, throw=float(throw), score=score)
         self.masker = masker
@@ -243,7 +256,11 @@ class Reconstruction(Problem):
         masker = self.read(self.masker) if self.spec.learned else None
         if self.spec.mode == "guided" and self.step_count < self.warmup_steps:
             return self.warmup_spec.make(imgs, self.module)
-        return self.spec.make(imgs, self.module, masker, boxes)
+        spec = self.spec
+        if spec.mode == "guided" and self.ramp_steps:
+            done = min(1.0, (self.step_count - self.warmup_steps) / self.ramp_steps)
+            spec = replace(spec, random_share=1.0 - (1.0 - spec.random_share) * done)
+        return spec.make(imgs, self.module, masker, boxes)
 
     def reconstruct(self, imgs: Tensor, masking: Masking | None = None,
                     boxes: Tensor | None = None) -> Reconstructed:
@@ -262,4 +279,23 @@ class Reconstruction(Problem):
         if probs is not None:
             # what pretraining does to the masker: the mean probability of the masked patches
             logs["masked_prob"] = ((probs * m.mask).sum() / m.mask.sum()).detach()
+        if self.spec.score == "predicted_loss" and self.module.decoder_loss_pred is not None:
+            rank = ranking_loss(self.module.predict_patch_loss(imgs), out.per_patch.detach(), m)
+            logs["rank_loss"] = rank.detach()
+            return out.loss + self.rank_weight * rank, logs
         return out.loss, logs
+
+
+def ranking_loss(pred: Tensor, target: Tensor, masking: Masking) -> Tensor:
+    """HPM's relative loss-prediction objective over each image's masked patches: for every
+    ordered pair (i, j), binary cross-entropy of sigmoid(pred_i - pred_j) against whether
+    target_i > target_j (pairs with equal targets left out). pred, target [N, L]."""
+    ids = torch.argsort(masking.ids_restore, dim=1)                 # visible, masked, thrown
+    k = int(masking.mask[0].detach().sum())
+    idx = ids[:, masking.num_keep:masking.num_keep + k]             # the masked patches [N, k]
+    p, t = pred.gather(1, idx), target.gather(1, idx)
+    diff = p[:, :, None] - p[:, None, :]                            # [N, k, k]
+    label = (t[:, :, None] > t[:, None, :]).to(diff.dtype)
+    valid = (t[:, :, None] != t[:, None, :]).to(diff.dtype)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(diff, label, reduction="none")
+    return (bce * valid).sum() / valid.sum().clamp_min(1.0)

@@ -98,3 +98,41 @@ def test_block_mode_masks_one_rectangle_of_exactly_k_patches():
     grid = m.mask.view(64, 7, 7)
     edges = (grid[:, 1:] != grid[:, :-1]).sum((1, 2)) + (grid[:, :, 1:] != grid[:, :, :-1]).sum((1, 2))
     assert float(edges.float().mean()) < 0.7 * 84 * 2 * (37 / 49) * (12 / 49)
+
+
+def test_ranking_loss_by_hand():
+    """One image, masked patches 1 and 3 (targets 0.2 and 0.5, predictions 0.0 and 1.0): the
+    ordered pairs are (1, 3) with label 0 and (3, 1) with label 1, both with logit ∓1, so the
+    loss is the mean of -log(1 - σ(-1)) and -log σ(1) = log(1 + e^-1)."""
+    from mlomae.models.masking import masking_from_hard
+    from problems.pretrain import ranking_loss
+    m = masking_from_hard(torch.tensor([[0.0, 1.0, 0.0, 1.0]]))
+    pred = torch.tensor([[9.0, 0.0, -9.0, 1.0]])       # visible patches must not matter
+    target = torch.tensor([[5.0, 0.2, 7.0, 0.5]])
+    assert math.isclose(float(ranking_loss(pred, target, m)), math.log1p(math.exp(-1.0)), rel_tol=1e-6)
+
+
+def test_hpm_mode_takes_the_highest_predicted_patches_after_its_ramp():
+    """temperature 0, random_share 0: past ramp_steps every masked patch is among the
+    highest-predicted; at step 0 of the ramp the share is 0 and the masks are uniform."""
+    from mlomae.models.mae import MaskedAutoencoder
+    from problems.pretrain import Reconstruction
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(28, 4, 1, 16, 1, 2, 16, 1, 2, loss_predictor=True)
+    p = Reconstruction("pretrain", mae, masking="guided", score="predicted_loss", temperature=0.0,
+                       random_share=0.0, ramp_steps=10)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        pred = mae.predict_patch_loss(x)
+    p.step_count = 10
+    top = torch.zeros(4, 49).scatter(1, pred.topk(37, dim=1).indices, 1.0)
+    assert torch.equal(p.masking_for(x).mask, top)
+    p.step_count = 0
+    torch.manual_seed(3)
+    got = p.masking_for(x)
+    torch.manual_seed(3)
+    ref = guided_masking(pred, 0.75, random_share=1.0, temperature=0.0)
+    assert torch.equal(got.mask, ref.mask)
+    with pytest.raises(ValueError, match="loss predictor"):
+        Reconstruction("pretrain", MaskedAutoencoder(28, 4, 1, 16, 1, 2, 16, 1, 2),
+                       masking="guided", score="predicted_loss")

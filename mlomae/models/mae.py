@@ -55,7 +55,7 @@ class MaskedAutoencoder(nn.Module):
     def __init__(self, img_size: int = 28, patch_size: int = 4, in_chans: int = 1,
                  embed_dim: int = 128, depth: int = 4, num_heads: int = 4,
                  decoder_embed_dim: int = 64, decoder_depth: int = 2, decoder_num_heads: int = 4,
-                 mlp_ratio: float = 4.0, norm_pix_loss: bool = True):
+                 mlp_ratio: float = 4.0, norm_pix_loss: bool = True, loss_predictor: bool = False):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         super().__init__()
@@ -84,6 +84,11 @@ class MaskedAutoencoder(nn.Module):
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        # HPM-style: a light head that predicts each patch's reconstruction loss from its patch
+        # embedding (decoder_ prefix: dropped by the timm export like the rest of the decoder)
+        self.decoder_loss_pred = nn.Sequential(
+            nn.LayerNorm(embed_dim), nn.Linear(embed_dim, decoder_embed_dim), nn.GELU(),
+            nn.Linear(decoder_embed_dim, 1)) if loss_predictor else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -175,6 +180,14 @@ class MaskedAutoencoder(nn.Module):
         pred = self.forward_decoder(self.forward_encoder(imgs, masking), masking)
         per_patch = self.patch_loss(imgs, pred)
         return self.masked_loss(per_patch, masking), pred, per_patch
+
+    def predict_patch_loss(self, imgs: Tensor) -> Tensor:
+        """[N, L]: the loss predictor's score of each patch (higher: harder to reconstruct), from
+        the patch embeddings with their gradient cut (only the predictor learns from it)."""
+        if self.decoder_loss_pred is None:
+            raise ValueError("this MaskedAutoencoder has no loss predictor: build it with "
+                             "loss_predictor=True")
+        return self.decoder_loss_pred(self.embed_patches(imgs).detach()).squeeze(-1)
 
     @torch.no_grad()
     def cls_attention(self, imgs: Tensor) -> Tensor:

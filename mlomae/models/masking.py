@@ -340,14 +340,15 @@ def guided_masking(scores: Tensor, ratio: float, *, random_share: float = 0.5,
     - of the L' patches left, exactly ``num_masked(L', ratio)`` = k are masked: the
       ``round((1 - random_share) k)`` guided ones drawn without replacement with probability
       ∝ score^(1/temperature) (Gumbel-top-k on log(score)/temperature; a patch with score 0
-      only after every positive one), the rest uniformly among the kept patches left.
+      only after every positive one), or with ``temperature=0`` the highest scores (HPM's
+      hard patches; any real score), the rest uniformly among the kept patches left.
 
     No gradient flows into the scores: the selection is a draw.
     """
     if not 0.0 <= random_share <= 1.0:
         raise ValueError(f"random_share must be in [0, 1], got {random_share!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     s = scores.detach().float()
     N, L = s.shape
     n_throw = num_thrown(L, throw)
@@ -355,9 +356,12 @@ def guided_masking(scores: Tensor, ratio: float, *, random_share: float = 0.5,
     k_guided = int(round((1.0 - random_share) * k))
     # thrown: the lowest scores (a stable ascending sort of the negated index order)
     thrown = _topk_indicator(-s, n_throw) if n_throw else torch.zeros_like(s)
-    logs = torch.log(s.clamp_min(0.0)).div(temperature)           # -inf for a zero score
-    keys = logs + sample_gumbel((N, L), dtype=s.dtype, device=s.device, generator=generator)
-    keys = torch.where(torch.isfinite(keys), keys, torch.full_like(keys, -1e30))
+    if temperature == 0:
+        keys = s
+    else:
+        logs = torch.log(s.clamp_min(0.0)).div(temperature)       # -inf for a zero score
+        keys = logs + sample_gumbel((N, L), dtype=s.dtype, device=s.device, generator=generator)
+        keys = torch.where(torch.isfinite(keys), keys, torch.full_like(keys, -1e30))
     guided = _topk_indicator(keys.masked_fill(thrown.bool(), -float("inf")), k_guided)
     u = torch.rand(N, L, dtype=s.dtype, device=s.device, generator=generator)
     rest = _topk_indicator(u.masked_fill((guided + thrown).bool(), -1.0), k - k_guided)
