@@ -63,9 +63,25 @@ def machine(threads: int) -> dict:
     except OSError:
         commit = ""
     return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "nproc": os.cpu_count(),
-            "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": threads, "commit": commit,
+            "cpu": cpu, "cpu_flags": cpu_flags(), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": threads, "commit": commit,
             "load_avg": round(os.getloadavg()[0], 2)}
+
+
+def cpu_flags() -> str:
+    """What decides bf16's speed here: torch's capability and the bf16 / AMX flags present."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{torch.backends.cpu.get_cpu_capability()}; " + (" ".join(shown) or "none of avx2/avx512/amx")
+
+
+def describe_machine(threads: int) -> str:
+    m = machine(threads)
+    return (f"machine: {m['cpu']} ({m['cpu_flags']}), {m['nproc']} cores, {threads} thread(s), "
+            f"torch {m['torch']}, load {m['load_avg']}, {m['date']}")
 
 
 def interleave(contenders: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,

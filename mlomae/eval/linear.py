@@ -27,11 +27,18 @@ class LinearClassifier:
         return ((x - self.mean) / self.std) @ self.weight + self.bias
 
 
+CHUNK = 10   # L-BFGS iterations between two checks of the stopping rule
+
+
 def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, weight_decay: float = 1e-4,
-               max_iter: int = 500, standardize: bool = True,
+               max_iter: int = 500, tol: float = 0.0, standardize: bool = True,
                label: str | None = None) -> LinearClassifier:
     """Fit on features x [n, D] with labels y [n] in 0..num_classes-1 (a progress line named
-    ``label`` when the fit takes more than a few seconds)."""
+    ``label`` when the fit takes more than a few seconds).
+
+    Stops after ``max_iter`` L-BFGS iterations, at L-BFGS's own convergence tests, or, with
+    ``tol`` > 0, once the objective's relative decrease over ``CHUNK`` iterations falls below
+    ``tol`` (the optimizer's memory is kept across those chunks)."""
     from ..progress import ProgressLine
     x = x.float()
     if standardize:
@@ -41,7 +48,8 @@ def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, weight_decay: float = 
     z = (x - mean) / std                                             # [n, D]
     w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+    chunk = min(CHUNK, max_iter) if tol > 0 else max_iter
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=chunk, history_size=20,
                             tolerance_grad=1e-6, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
 
@@ -56,7 +64,15 @@ def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, weight_decay: float = 
         return loss
 
     with torch.enable_grad(), bar:
-        opt.step(closure)
+        before, done = None, 0
+        while done < max_iter:
+            opt.param_groups[0]["max_iter"] = min(chunk, max_iter - done)
+            loss = float(opt.step(closure))
+            n = opt.state[w]["n_iter"]
+            if tol <= 0 or n == done or (before is not None
+                                         and (before - loss) / max(abs(loss), 1e-12) < tol):
+                break   # one plain fit; converged inside the chunk; too little progress over it
+            before, done = loss, n
     return LinearClassifier(w.detach(), b.detach(), mean, std)
 
 
@@ -77,4 +93,4 @@ def run(built, spec: Mapping[str, Any], features, label: str = "linear") -> floa
     xtr, ytr, xte, yte = features
     return linear_probe(xtr, ytr, xte, yte, built.data.meta.num_classes,
                         weight_decay=spec["weight_decay"], max_iter=spec["max_iter"],
-                        standardize=spec["standardize"], label=label)
+                        tol=spec["tol"], standardize=spec["standardize"], label=label)

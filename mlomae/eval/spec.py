@@ -88,6 +88,7 @@ PROTOCOL_KEYS: dict[str, dict[str, tuple[Any, Callable[[Any], str | None] | None
     "linear": {
         "weight_decay": (1e-4, _num(0)),
         "max_iter": (500, _num(1, integer=True)),
+        "tol": (0.0, _num(0)),
         "standardize": (True, _boolean),
     },
     "knn": {

@@ -1,0 +1,64 @@
+"""Issue "A regime where masking matters", speed: an MLO-MAE run against random masking at
+equal pretraining steps, side by side in one process.
+
+Both graphs are built from their experiment files as `mlomae run` builds them (real
+Fashion-MNIST loaders, the precision `trainer.precision: auto` picks), then their outer steps
+are timed interleaved; cost is per *pretraining* step (an outer step divided by the pretraining
+steps it holds), and the headline is MLO-MAE / random (goal <= 1.5). Variants of the learned
+cycle show where its time goes and what cuts it: the published 2/1/1 cycle, fewer mask steps
+(pretrain 4 per mask step), a smaller mask batch.
+
+    benchmarks/.venv-bench/bin/python benchmarks/learned_cost.py [--quick]
+"""
+
+from __future__ import annotations
+
+import common
+from mlomae.build import build
+from mlomae.config import load
+
+ROOT = common.ROOT.parent
+RANDOM = ("random", "experiments/mae_random.yaml", [])
+LEARNED = {
+    "mlomae 2/1/1 (published)": ("experiments/fashion_mnist.yaml", []),
+    "mlomae 4/1/1": ("experiments/fashion_mnist.yaml", ["problems.pretrain.steps=4"]),
+    "mlomae 4/1/1, mask batch 64": ("experiments/fashion_mnist.yaml",
+                                    ["problems.pretrain.steps=4", "+problems.mask.batch_size=64"]),
+}
+
+
+def engine(path: str, overrides: list[str], threads: int):
+    cfg = load(ROOT / path, overrides + ["evaluation=[]", "trainer.steps=100000",
+                                         f"trainer.threads={threads}", "+data.augment=false"])
+    built = build(cfg)
+    per = built.engine.schedule.count("pretrain")
+    return built, per
+
+
+def main() -> None:
+    args = common.parser(__doc__, repeats=20, quick_repeats=6).parse_args()
+    repeats = common.setup(args)
+    print(common.describe_machine(args.threads))
+    contenders, per = {}, {}
+    built_r, per["random"] = engine(RANDOM[1], RANDOM[2], args.threads)
+    contenders["random"] = built_r.engine.step
+    print(f"precision: {built_r.precision[0]} ({built_r.precision[1]})")
+    for name, (path, ov) in LEARNED.items():
+        b, per[name] = engine(path, ov, args.threads)
+        contenders[name] = b.engine.step
+    times = common.interleave(contenders, repeats, warmup=2)
+    med = {n: common.median(t) / per[n] for n, t in times.items()}
+    rows = [[n, per[n], 1e3 * med[n], med[n] / med["random"]] for n in contenders]
+    print(common.table(rows, ["graph", "pretraining steps / outer step", "ms / pretraining step",
+                              "× random"]))
+    best = min((n for n in LEARNED), key=med.get)
+    print(f"HEADLINE regime-speed: MLO-MAE / random masking at equal pretraining steps = "
+          f"{med['mlomae 2/1/1 (published)'] / med['random']:.2f}x published, "
+          f"{med[best] / med['random']:.2f}x {best} (goal <= 1.5)")
+    common.save("learned_cost", {"ms_per_pretraining_step": {n: 1e3 * v for n, v in med.items()},
+                                 "ratio_vs_random": {n: med[n] / med["random"] for n in med},
+                                 "times_s": times, "pretraining_steps_per_outer": per}, args)
+
+
+if __name__ == "__main__":
+    main()
