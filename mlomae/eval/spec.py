@@ -17,6 +17,8 @@ Keys (defaults in ``COMMON`` and ``PROTOCOL_KEYS`` below):
   ``1%``, any percentage), ``pool`` (``mean`` | ``cls``), ``batch_size`` (feature extraction;
   for finetune the training batch, default ``data.batch_size``), ``name`` (the result's name).
 - linear: ``weight_decay`` (L2 on the weights, 1e-4), ``max_iter`` (L-BFGS iterations, 500),
+  ``tol`` (stop once 10 iterations lower the objective by less than this share, 1e-3; 0: run
+  to ``max_iter``; chosen on the `mask` split, benchmarks/README.md "Linear probe"),
   ``standardize`` (train mean/std, true).
 - knn: ``k`` (20), ``temperature`` (0.07), ``vote`` (``weighted`` | ``majority``).
 - finetune: ``epochs`` (5), ``lr`` (1e-3), ``weight_decay`` (0.05), ``layer_decay`` (0.75; 1 =
@@ -88,7 +90,7 @@ PROTOCOL_KEYS: dict[str, dict[str, tuple[Any, Callable[[Any], str | None] | None
     "linear": {
         "weight_decay": (1e-4, _num(0)),
         "max_iter": (500, _num(1, integer=True)),
-        "tol": (0.0, _num(0)),
+        "tol": (1e-3, _num(0)),
         "standardize": (True, _boolean),
     },
     "knn": {
