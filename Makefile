@@ -64,6 +64,8 @@ $(BENCH_VENV)/.installed: $(VENV)/.installed Makefile
 # every question in full, then plots and headlines (about 20 minutes on 2 cores)
 bench: $(BENCH_VENV)/.installed
 	$(BENCH) overhead.py
+	$(BENCH) learned_cost.py
+	$(BENCH) linear_probe.py
 	$(BENCH) mae_methods.py
 	$(BENCH) peers_mlp.py
 	$(BENCH) peers_mae.py
@@ -75,6 +77,8 @@ bench: $(BENCH_VENV)/.installed
 # the headline ratios in under two minutes (fewer repeats, fewer configurations)
 bench-quick: $(BENCH_VENV)/.installed
 	$(BENCH) overhead.py --quick
+	$(BENCH) learned_cost.py --quick
+	$(BENCH) linear_probe.py --quick
 	$(BENCH) peers_mlp.py --quick
 	$(BENCH) peers_mae.py --quick
 	$(BENCH) memory.py --quick
