@@ -28,15 +28,10 @@ import mae_graph as G
 from mlomae.models.masking import random_masking
 
 BF16 = torch.bfloat16
-# name: (method, options, head-edge options); under bf16 attention runs unfused (see below)
+# name: (method, options, head-edge options); attention as the builder chooses it
+# (mlomae.build.choose_attention: unfused under bf16 on the CPU and for second-order pushes)
 VARIANTS = {"darts": ("darts", {}, None), "darts_exact_head": ("darts", {}, {"exact": True}),
             "darts_exact": ("darts", {"exact": True}, None), "cg": ("cg", {"iters": 5}, None)}
-
-
-def fused(name: str, autocast) -> bool:
-    """CPU flash attention is slow under bf16 here (plain step 354 vs 117 ms unfused) and has no
-    double backward: fused only for float32 finite-difference darts."""
-    return autocast is None and name in ("darts", "darts_exact_head")
 
 
 def cosine(a, b) -> float:
@@ -48,7 +43,7 @@ def cosine(a, b) -> float:
 def hypergradient(name, sizes, state, batches, autocast):
     method, opts, head = VARIANTS[name]
     eng = G.build_mlomae(method, sizes, state, batches, options=opts, head_edge=head,
-                         autocast=autocast, fused=fused(name, autocast))
+                         autocast=autocast)   # the builder's attention choice
     torch.manual_seed(0)
     eng.prefix("mask")
     return eng.gradient("mask")[2]
@@ -90,8 +85,7 @@ def main() -> None:
         method, opts, head = VARIANTS[v]
         for tag, ac in (("fp32", None), ("bf16", BF16)):
             contenders[f"{v} {tag}"] = G.build_mlomae(
-                method, sizes, state, batches, options=opts, head_edge=head, autocast=ac,
-                fused=fused(v, ac)).step
+                method, sizes, state, batches, options=opts, head_edge=head, autocast=ac).step
     times = common.interleave(contenders, repeats)
     med = {k: common.median(v) for k, v in times.items()}
     rows = []
