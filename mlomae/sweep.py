@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from .config import load
 from .errors import ConfigError, MlomaeError
-from .tracking import _client, _ensure_sqlite_dir, warn
+from .tracking import _client, _ensure_sqlite_dir, experiment_id, warn
 
 
 def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -31,8 +31,7 @@ def _parent_run(cfg, name: str) -> str | None:
     try:
         _ensure_sqlite_dir(uri)
         client = _client(uri)
-        e = client.get_experiment_by_name(exp)
-        exp_id = e.experiment_id if e else client.create_experiment(exp)
+        exp_id = experiment_id(client, exp, uri)
         return client.create_run(exp_id, run_name=name, tags={"mlomae.sweep": "parent"}).info.run_id
     except Exception as e:  # tracking is optional: the runs still write their directories
         warn(f"could not create the sweep's parent MLflow run ({e}); runs are tracked without it")

@@ -93,6 +93,25 @@ def _ensure_sqlite_dir(uri: str) -> None:
         Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where new experiments keep their artifacts: beside a sqlite store, ``mlartifacts/`` in
+    the store's folder as an absolute file URI (MLflow's own default is ``./mlruns`` relative to
+    the directory a command happens to start in, which scatters artifacts and hides them from
+    an ``mlflow ui`` started elsewhere); None for a server, which decides for itself."""
+    if uri.startswith("sqlite:///"):
+        store = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        return (store.parent / "mlartifacts").as_uri()
+    return None
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (artifacts at ``artifact_root``) if missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(uri))
+
+
 def _metrics_of(record: Mapping[str, Any]):
     from mlflow.entities import Metric
     ts = int(record.get("time", time.time()) * 1000)
@@ -150,8 +169,7 @@ class Tracker:
             _ensure_sqlite_dir(self.uri)
             client = _client(self.uri)
             if self.run_id is None:
-                exp = client.get_experiment_by_name(self.experiment)
-                exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+                exp_id = experiment_id(client, self.experiment, self.uri)
                 run = client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
                 self.run_id = run.info.run_id
                 self._client = client
