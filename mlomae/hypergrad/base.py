@@ -129,6 +129,30 @@ class Method:
                 object.__setattr__(self, f.name, checked)
 
 
+class ImplicitMethod(Method):
+    """An implicit method: -(∂²f/∂x∂θ) w with w ≈ H⁻¹v from :meth:`solve`, by Hessian-vector
+    products on one graph of ∇_θ f at the current θ (evaluated in full precision: an approximate
+    H⁻¹ amplifies rounding in the products). Subclasses implement ``solve``."""
+
+    @property
+    def second_order(self) -> bool:
+        return True
+
+    @property
+    def precise_loss(self) -> bool:
+        return True   # H⁻¹ amplifies bf16 rounding of the Hessian products (cosine 0.88 for cg)
+
+    def solve(self, hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tensor],
+              lower: "LowerLevel") -> list[Tensor]:
+        raise NotImplementedError(f"{type(self).__name__}.solve")
+
+    def __call__(self, v: Sequence[Tensor], lower: "LowerLevel",
+                 inputs: Sequence[Tensor]) -> list[Tensor | None]:
+        grads = inner_grad(lower)
+        w = self.solve(hvp_fn(grads, lower.params, lower.reduce), [t.detach() for t in v], lower)
+        return mixed_vjp(grads, inputs, w, lower.reduce)
+
+
 def _check_value(method: str, name: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
     allowed = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, _UnionType) else {hint}
     if value is None:

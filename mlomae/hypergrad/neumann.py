@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
-from torch import Tensor
-
-from .base import LowerLevel, Method, hvp_fn, inner_grad, mixed_vjp, option, register
+from .base import ImplicitMethod, option, register
 from .linalg import neumann_series
 
 
 @register
 @dataclass(frozen=True)
-class Neumann(Method):
+class Neumann(ImplicitMethod):
     """``eta`` defaults to the lower problem's learning rate (the series is then K unrolled
     gradient steps linearised at θ)."""
 
@@ -22,18 +19,5 @@ class Neumann(Method):
     iters: int = option(5, "K, the terms of the series after the first (0: ηv)", minimum=0)
     eta: float | None = option(None, "η (default: the lower's learning rate)", above=0.0)
 
-    @property
-    def second_order(self) -> bool:
-        return True
-
-    @property
-    def precise_loss(self) -> bool:
-        return True   # H⁻¹ amplifies bf16 rounding of the Hessian products (cosine 0.88 for cg)
-
-    def __call__(self, v: Sequence[Tensor], lower: LowerLevel,
-                 inputs: Sequence[Tensor]) -> list[Tensor | None]:
-        grads = inner_grad(lower)
-        step = lower.lr if self.eta is None else self.eta
-        w = neumann_series(hvp_fn(grads, lower.params, lower.reduce), [t.detach() for t in v],
-                           self.iters, step)
-        return mixed_vjp(grads, inputs, w, lower.reduce)
+    def solve(self, hvp, v, lower):
+        return neumann_series(hvp, v, self.iters, lower.lr if self.eta is None else self.eta)
