@@ -3,6 +3,12 @@
 A checkpoint is ``checkpoints/step_NNNNNNNN.pt`` written as: temporary file, flush, fsync,
 rename, directory fsync; its SHA-256 is stored inside a small ``.sha256`` sidecar written the
 same way *after* the checkpoint, so a checkpoint without a matching sidecar is incomplete.
+
+Checkpoints hold tensors, plain containers and numbers only (random states included), and are
+read with ``torch.load(weights_only=True)``: a run directory from someone else cannot run code
+on ``--resume``, ``eval``, ``masks`` or ``export``. A checkpoint that needs anything else is
+refused with a message. Checkpoints written before this format (numpy's random state as an
+array) still load: numpy arrays are the one extra type allowed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import MlomaeError
 from .tracking import warn
 
 PATTERN = re.compile(r"step_(\d+)\.pt")
@@ -56,8 +63,22 @@ def _atomic_bytes(path: Path, data: bytes, fault: str | None = None) -> None:
     _fsync_dir(path.parent)
 
 
+def _numpy_state() -> dict[str, Any]:
+    """numpy's global random state as tensors and plain numbers (what ``weights_only`` loads)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_state(s: Any) -> None:
+    if isinstance(s, dict):
+        s = (s["kind"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+             s["cached_gaussian"])
+    np.random.set_state(s)
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(),
              "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -66,7 +87,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    _set_numpy_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -87,6 +108,33 @@ def save(directory: str | os.PathLike, step: int, state: dict[str, Any], keep: i
             old.unlink(missing_ok=True)
             old.with_suffix(".pt.sha256").unlink(missing_ok=True)
     return path
+
+
+class UnsafeCheckpoint(MlomaeError):
+    """A checkpoint that would need code to load: refused."""
+
+
+def _legacy_globals() -> list:
+    """numpy arrays, which checkpoints of the earlier format hold (numpy's random state)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:   # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """One checkpoint, with ``weights_only=True``; ``UnsafeCheckpoint`` if it needs code."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(_legacy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise UnsafeCheckpoint(
+            f"checkpoint {path} is refused: loading it would run code ({what}). mlomae writes "
+            f"only tensors, containers and numbers; a file that needs more was written by "
+            f"something else. Resume only runs whose checkpoints mlomae wrote.") from None
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -115,7 +163,9 @@ def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | N
         problem = verify(path)
         if problem is None:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=False)
+                state = load(path)
+            except UnsafeCheckpoint:
+                raise
             except Exception as e:  # unreadable despite the checksum: treat as corrupt
                 bad.append((path, f"unreadable: {e}"))
                 continue
