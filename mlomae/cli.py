@@ -56,7 +56,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             summary = runner.run()
         except Stopped as e:
-            print(f"stopped; resume with: mlomae run --resume {runner.run_dir.path}", file=sys.stderr)
+            if rank == 0:
+                print(f"stopped; resume with: mlomae run --resume {runner.run_dir.path}",
+                      file=sys.stderr)
             return 128 + e.signum
     finally:
         from .distributed import teardown

@@ -130,8 +130,9 @@ class Runner:
         self.wall_before = float(state.get("wall_time", 0.0))
         if self.main:
             self.run_dir.open_metrics(truncate_to=int(state["metrics_lines"]))
-        print(f"resuming {self.run_dir.path} from {path.name} (outer step {self.engine.outer_step})",
-              file=self.stream)
+        if self.main:   # one line per run, not per process
+            print(f"resuming {self.run_dir.path} from {path.name} (outer step "
+                  f"{self.engine.outer_step})", file=self.stream)
 
     def save_checkpoint(self, engine: Engine, step: int) -> None:
         if not self.main:
