@@ -84,7 +84,8 @@ def mae_reconstruct(mae, imgs: Tensor, masking) -> Tensor:
 
 @torch.no_grad()
 def masks_and_reconstructions(built, imgs: Tensor, say: bool = True) -> tuple[Tensor, Tensor]:
-    """(mask [N, L] with 1 = masked, reconstruction [N, C, H, W]) for a batch of images.
+    """(mask [N, L] with 1 = hidden from the encoder, reconstruction [N, C, H, W]) for a batch
+    of images: hidden is masked, or thrown out by ``throw`` (neither seen nor reconstructed).
 
     A problem's ``reconstruct(imgs)`` may return an object with ``.pred`` (patches or images)
     and ``.masking`` (``problems.pretrain.Reconstructed``) or a pair ``(pred, masking)``.
@@ -114,7 +115,9 @@ def masks_and_reconstructions(built, imgs: Tensor, say: bool = True) -> tuple[Te
     finally:
         for m, t in zip(modules, modes):
             m.train(t)
-    return masking.mask.detach().float(), pred.detach()
+    hidden = torch.ones(masking.mask.shape, device=masking.mask.device)
+    hidden.scatter_(1, masking.ids_keep, 0.0)   # = mask where nothing is thrown
+    return hidden, pred.detach()
 
 
 def _patch_mask_image(mask: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
