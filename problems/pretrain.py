@@ -13,6 +13,12 @@ Masking modes (``masking:`` in a ``Reconstruction`` entry):
 - ``mlo``: MLO-MAE: the masker's probabilities, top ``mask_ratio`` masked, each masked patch's loss
   multiplied by its probability (the masker's only differentiable path). For a discriminator,
   ``learned_mask`` holds the ``learned_fraction`` most probable of them (straight-through).
+  Repairs of the published failure modes, each an option (the defaults are the published
+  masker): ``selection: sampled`` draws the masked patches instead of taking the top ones
+  (Gumbel-top-k on logit/``temperature`` for ``1 - random_share`` of them, the rest uniform;
+  the probabilities still weight the loss), ``logit_clip: c`` bounds the logits softly
+  (c·tanh(logit/c)) so no probability saturates, ``weighting: normalized`` keeps the masked
+  weights at mean 1, and ``warmup_steps`` starts with random masks.
 - ``gumbel``: AutoMAE's generator: a Gumbel top-k with a straight-through estimator (``tau``),
   ``learned_fraction`` of the masked slots chosen by the generator, the rest random.
 - ``guided``: self-guided masks with no masker and no hypergradient (AMT): a per-patch
@@ -80,6 +86,8 @@ class MaskingSpec:
     random_share: float = 0.5          # guided: share of the masked slots drawn uniformly
     temperature: float = 1.0           # guided: masks drawn ∝ score^(1/temperature); 0: top scores
     throw: float = 0.0                 # random, guided: share of patches thrown out (lowest score)
+    selection: str = "top"             # mlo: top (published) | sampled (random_share, temperature)
+    logit_clip: float = 0.0            # mlo: logits -> c * tanh(logits / c); 0: off
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -102,6 +110,10 @@ class MaskingSpec:
             raise ValueError(f"random_share must lie in [0, 1] (got {self.random_share!r})")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (got {self.temperature!r})")
+        if self.selection not in ("top", "sampled"):
+            raise ValueError(f"selection must be top or sampled (got {self.selection!r})")
+        if not self.logit_clip >= 0:
+            raise ValueError(f"logit_clip must be >= 0 (got {self.logit_clip!r})")
         if self.throw and self.mode not in ("random", "guided"):
             raise ValueError(f"throw applies to masking random or guided, not {self.mode!r}")
         num_masked(100 - num_thrown(100, self.throw), self.ratio)   # raises on a bad throw
@@ -168,13 +180,26 @@ class MaskingSpec:
         logits = self.logits(imgs, mae, masker)                    # [N, L]
         if self.mode == "gumbel":
             return gumbel_topk_masking(logits, self.ratio, self.tau, self.learned_fraction)
+        if self.logit_clip:
+            logits = self.logit_clip * torch.tanh(logits / self.logit_clip)
         probs = torch.sigmoid(logits)
-        masking = prob_topk_masking(probs, self.ratio, normalize=self.weighting == "normalized")
+        if self.selection == "sampled":
+            masking = guided_masking(logits, self.ratio, random_share=self.random_share,
+                                     temperature=self.temperature, log_scores=True)
+            masking.probs = probs
+            if self.weighting == "normalized":
+                mean = (probs * masking.mask).sum(1, keepdim=True) / masking.mask.sum(1, keepdim=True)
+                masking.weights = probs / mean
+            else:
+                masking.weights = probs
+        else:
+            masking = prob_topk_masking(probs, self.ratio, normalize=self.weighting == "normalized")
         # For a discriminator, as AutoMAE's judges the generator's share: the learned_fraction
         # most probable patches (a subset of the masked ones: the same stable descending order),
         # with a straight-through path to the probabilities.
         k = num_learned(L, self.ratio, self.learned_fraction)
-        top = torch.sort(probs.detach(), dim=1, descending=True, stable=True).indices[:, :k]
+        pool = probs.detach().masked_fill(masking.mask.detach() == 0, -1.0)   # masked ones only
+        top = torch.sort(pool, dim=1, descending=True, stable=True).indices[:, :k]
         learned = torch.zeros_like(probs).scatter_(1, top, 1.0)
         masking.learned_mask = learned + (probs - probs.detach())
         return masking
@@ -220,12 +245,13 @@ class Reconstruction(Problem):
                  detach_masker_input: bool = True, masker_input: str = "auto",
                  weighting: str = "probability", score: str = "pixel_spread",
                  random_share: float = 0.5, temperature: float = 1.0, throw: float = 0.0,
-                 warmup_steps: int = 0, ramp_steps: int = 0, rank_weight: float = 1.0, **kwargs):
+                 warmup_steps: int = 0, ramp_steps: int = 0, rank_weight: float = 1.0,
+                 selection: str = "top", logit_clip: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = MaskingSpec(masking, mask_ratio, beta, box_threshold, background, tau,
                                 learned_fraction, bool(detach_masker_input), masker_input,
                                 weighting, score, float(random_share), float(temperature),
-                                float(throw))
+                                float(throw), selection, float(logit_clip))
         for key, v in (("warmup_steps", warmup_steps), ("ramp_steps", ramp_steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{key} must be a non-negative integer (got {v!r})")
@@ -254,7 +280,7 @@ class Reconstruction(Problem):
         """The masks this problem would train on for ``imgs`` [N, C, H, W] (same mode, same
         masker); wrap in ``torch.no_grad()`` when only looking."""
         masker = self.read(self.masker) if self.spec.learned else None
-        if self.spec.mode == "guided" and self.step_count < self.warmup_steps:
+        if self.spec.mode in ("guided", "mlo") and self.step_count < self.warmup_steps:
             return self.warmup_spec.make(imgs, self.module)
         spec = self.spec
         if spec.mode == "guided" and self.ramp_steps:

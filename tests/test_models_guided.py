@@ -70,7 +70,7 @@ def test_guided_mode_warms_up_with_random_masks():
     from problems.pretrain import Reconstruction
     from test_problems_tiny import tiny_mae
     p = Reconstruction("pretrain", tiny_mae(), masking="guided", warmup_steps=2)
-    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    x = torch.randn(3, 1, 12, 12, dtype=torch.float64)
     torch.manual_seed(5)
     warm = p.masking_for(x)
     torch.manual_seed(5)
@@ -136,3 +136,47 @@ def test_hpm_mode_takes_the_highest_predicted_patches_after_its_ramp():
     with pytest.raises(ValueError, match="loss predictor"):
         Reconstruction("pretrain", MaskedAutoencoder(28, 4, 1, 16, 1, 2, 16, 1, 2),
                        masking="guided", score="predicted_loss")
+
+
+def test_mlo_sampled_selection_logit_clip_and_warm_up():
+    """selection sampled: exactly k masked, drawn ∝ exp(logit/T) (a masker whose logits are
+    +30 on 37 patches and -30 elsewhere masks exactly those with random_share 0), the weights
+    are the (clipped) probabilities of the masked patches with their gradient, and the first
+    warmup_steps steps use random masks."""
+    from torch import nn
+    from problems.pretrain import MaskingSpec, Reconstruction
+    from test_problems_tiny import tiny_mae
+
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.value = nn.Parameter(logits)
+
+        def logits(self, x):
+            return self.value.expand(x.shape[0], -1)
+
+    from mlomae.models.masking import num_masked
+    mae = tiny_mae()
+    L = mae.num_patches
+    k = num_masked(L, 0.75)                                      # 9 patches, 7 masked
+    chosen = torch.zeros(L, dtype=torch.float64)
+    chosen[:k] = 1
+    masker = Fixed(torch.where(chosen.bool(), 30.0, -30.0).to(torch.float64))
+    x = torch.randn(5, 1, 12, 12, dtype=torch.float64)
+    spec = MaskingSpec("mlo", selection="sampled", random_share=0.0, logit_clip=3.0)
+    m = spec.make(x, mae, masker)
+    assert torch.equal(m.mask, chosen.repeat(5, 1).to(m.mask.dtype))
+    torch.testing.assert_close(m.weights, torch.sigmoid(3.0 * torch.tanh(masker.value / 3.0)).expand(5, -1))
+    assert m.weights.requires_grad
+    # random_share 1: uniform whatever the logits (each patch masked k/L of the time)
+    torch.manual_seed(0)
+    many = MaskingSpec("mlo", selection="sampled", random_share=1.0).make(x.repeat(400, 1, 1, 1), mae, masker)
+    q, n = k / L, 2000 * k
+    assert abs(float(many.mask[:, :k].mean()) - q) < 4 * (q * (1 - q) / n) ** 0.5
+    p = Reconstruction("pretrain", mae, reads=["mask"], masking="mlo", warmup_steps=1)
+    p._peers = {"mask": type("Holder", (), {"module": masker})()}
+    torch.manual_seed(1)
+    warm = p.masking_for(x)
+    assert warm.weights is None
+    p.step_count = 1
+    assert p.masking_for(x).weights is not None

@@ -330,7 +330,7 @@ def masking_from_sets(masked: Tensor, thrown: Tensor) -> Masking:
 
 
 def guided_masking(scores: Tensor, ratio: float, *, random_share: float = 0.5,
-                   temperature: float = 1.0, throw: float = 0.0,
+                   temperature: float = 1.0, throw: float = 0.0, log_scores: bool = False,
                    generator: torch.Generator | None = None) -> Masking:
     """Masks sampled by a per-patch score [N, L] (AMT's attention-guided masking, HPM's
     predicted loss, or the pixel spread), as pure tensor code:
@@ -343,7 +343,8 @@ def guided_masking(scores: Tensor, ratio: float, *, random_share: float = 0.5,
       only after every positive one), or with ``temperature=0`` the highest scores (HPM's
       hard patches; any real score), the rest uniformly among the kept patches left.
 
-    No gradient flows into the scores: the selection is a draw.
+    ``log_scores``: ``scores`` are already log-scores (a masker's logits): drawn ∝
+    exp(score/temperature). No gradient flows into the scores: the selection is a draw.
     """
     if not 0.0 <= random_share <= 1.0:
         raise ValueError(f"random_share must be in [0, 1], got {random_share!r}")
@@ -359,7 +360,7 @@ def guided_masking(scores: Tensor, ratio: float, *, random_share: float = 0.5,
     if temperature == 0:
         keys = s
     else:
-        logs = torch.log(s.clamp_min(0.0)).div(temperature)       # -inf for a zero score
+        logs = (s if log_scores else torch.log(s.clamp_min(0.0))).div(temperature)  # -inf: 0
         keys = logs + sample_gumbel((N, L), dtype=s.dtype, device=s.device, generator=generator)
         keys = torch.where(torch.isfinite(keys), keys, torch.full_like(keys, -1e30))
     guided = _topk_indicator(keys.masked_fill(thrown.bool(), -float("inf")), k_guided)
