@@ -23,6 +23,11 @@ class MaskMaker(Protocol):
         """The masks this level would train on for ``imgs`` if ``masker`` were its masker."""
         ...
 
+    @property
+    def mask_ratio(self) -> float:
+        """The share of patches masked."""
+        ...
+
 
 @runtime_checkable
 class Classifier(Protocol):

@@ -3,6 +3,12 @@
     loss = downstream     x  CE(head(encoder(x)), y) on held-out labeled data (MLO-MAE's level 3)
          + adversarial    x  LSGAN generator loss of the discriminator on the generator's masks
          + reconstruction x  the MAE's reconstruction loss under the generator's masks
+         - entropy        x  mean binary entropy of the per-patch mask probabilities
+         - diversity      x  mean over patches of the probabilities' std across the batch
+         + ratio_kl       x  mean KL(Bernoulli(mask ratio) || Bernoulli(an image's mean prob.))
+
+The last three are regularisers on the masker's probabilities (masking mlo): against
+saturation, against one mask for every image, against drifting from the target ratio.
 
 Only the last two depend on the masker directly; the downstream term reaches it only through the
 hypergradient the engine pushes down through the head and the MAE. The masks are made by the
@@ -13,6 +19,7 @@ fine-tune problem for its logits. Both are declared in ``needs()``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -26,7 +33,8 @@ from mlomae.models.masking import Masking
 from .interfaces import Classifier, MaskMaker
 from .pretrain import split_batch
 
-TERMS = ("downstream", "adversarial", "reconstruction")
+TERMS = ("downstream", "adversarial", "reconstruction", "entropy", "diversity", "ratio_kl")
+REGULARISERS = ("entropy", "diversity", "ratio_kl")
 
 
 class MaskLearning(Problem):
@@ -44,7 +52,7 @@ class MaskLearning(Problem):
                  pretrain: str = "pretrain", finetune: str = "finetune",
                  discriminator: str = "disc", **kwargs):
         super().__init__(*args, **kwargs)
-        weights = {"downstream": 1.0, "adversarial": 0.0, "reconstruction": 0.0}
+        weights = {"downstream": 1.0, **{t: 0.0 for t in TERMS[1:]}}
         for k, v in (losses or {}).items():
             if k not in weights:
                 raise ValueError(f"unknown loss term '{k}' in losses; terms: {', '.join(TERMS)}")
@@ -84,8 +92,14 @@ class MaskLearning(Problem):
             total = total + w["downstream"] * ce
             logs["downstream"] = ce.detach()
             logs["val_top1"] = (logits.argmax(1) == labels).float().mean().detach()
-        if w["adversarial"] or w["reconstruction"]:
+        regs = [t for t in REGULARISERS if w[t]]
+        if w["adversarial"] or w["reconstruction"] or regs:
             masking = self.generate(imgs)
+            if regs:
+                terms = regularisers(masking, self.peer(self.pretrain).mask_ratio, regs)
+                for t in regs:
+                    total = total + (-w[t] if t in ("entropy", "diversity") else w[t]) * terms[t]
+                    logs[t] = terms[t].detach()
             if w["adversarial"]:
                 adv = lsgan_g_loss(self.read(self.discriminator)(masking.learned_mask))
                 total = total + w["adversarial"] * adv
@@ -99,6 +113,27 @@ class MaskLearning(Problem):
                 masking = self.generate(imgs)
         logs.update(mask_stats(masking))
         return total, logs
+
+
+def regularisers(masking: Masking, ratio: float, which=REGULARISERS) -> dict[str, Tensor]:
+    """The masker's regulariser terms from its probabilities p [N, L] (with their gradient):
+    ``entropy`` mean_nj H(p_nj) with H the binary entropy; ``diversity`` mean_j std_n(p_nj);
+    ``ratio_kl`` mean_n KL(Bern(ratio) || Bern(mean_j p_nj)). Needs masking mlo."""
+    p = masking.probs
+    if p is None:
+        raise ValueError("the masker's regularisers (entropy, diversity, ratio_kl) need the "
+                         "probabilities of masking mlo")
+    q = p.clamp(1e-6, 1 - 1e-6)
+    out = {}
+    if "entropy" in which:
+        out["entropy"] = -(q * q.log() + (1 - q) * (1 - q).log()).mean()
+    if "diversity" in which:
+        out["diversity"] = p.std(dim=0, unbiased=False).mean()
+    if "ratio_kl" in which:
+        m = q.mean(dim=1)
+        out["ratio_kl"] = (ratio * math.log(ratio) - ratio * m.log()
+                           + (1 - ratio) * math.log(1 - ratio) - (1 - ratio) * (1 - m).log()).mean()
+    return out
 
 
 def mask_stats(masking: Masking) -> dict[str, Tensor]:

@@ -276,6 +276,10 @@ class Reconstruction(Problem):
                              f"masker decides: use masking mlo or gumbel")
         return self.spec.make(imgs, self.module, masker)
 
+    @property
+    def mask_ratio(self) -> float:
+        return self.spec.ratio
+
     def masking_for(self, imgs: Tensor, boxes: Tensor | None = None) -> Masking:
         """The masks this problem would train on for ``imgs`` [N, C, H, W] (same mode, same
         masker); wrap in ``torch.no_grad()`` when only looking."""

@@ -180,3 +180,24 @@ def test_mlo_sampled_selection_logit_clip_and_warm_up():
     assert warm.weights is None
     p.step_count = 1
     assert p.masking_for(x).weights is not None
+
+
+def test_masker_regularisers_by_hand():
+    """p = [[0.5, 0.9], [0.1, 0.5]], ratio 0.75: entropy = (2 ln 2 + 2 H(0.9)) / 4; diversity =
+    std of each column (0.2 and 0.2); ratio_kl = mean of KL(0.75 || 0.7) and KL(0.75 || 0.3)."""
+    from mlomae.models.masking import Masking
+    from problems.mask import regularisers
+    p = torch.tensor([[0.5, 0.9], [0.1, 0.5]], dtype=torch.float64, requires_grad=True)
+    m = Masking(mask=torch.zeros(2, 2), ids_keep=torch.zeros(2, 1, dtype=torch.long),
+                ids_restore=torch.zeros(2, 2, dtype=torch.long), probs=p)
+    got = regularisers(m, 0.75)
+
+    def h(x):
+        return -(x * math.log(x) + (1 - x) * math.log(1 - x))
+
+    def kl(r, q):
+        return r * math.log(r / q) + (1 - r) * math.log((1 - r) / (1 - q))
+    assert math.isclose(float(got["entropy"]), (2 * math.log(2) + 2 * h(0.9)) / 4, rel_tol=1e-9)
+    assert math.isclose(float(got["diversity"]), 0.2, rel_tol=1e-9)
+    assert math.isclose(float(got["ratio_kl"]), (kl(0.75, 0.7) + kl(0.75, 0.3)) / 2, rel_tol=1e-9)
+    assert torch.autograd.grad(sum(got.values()), p)[0].abs().sum() > 0
