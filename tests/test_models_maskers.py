@@ -201,3 +201,29 @@ def test_centred_shared_masker_is_blind_to_a_common_shift():
             torch.testing.assert_close(after, before, atol=1e-12, rtol=0)
         else:
             assert torch.all(after > before)
+
+
+def test_generator_loads_a_random_mask_mae_export_and_freezes(tmp_path):
+    """AutoMAE as published reads a pretrained ViT: the backbone of an MAE exported for timm
+    (safetensors) loads into the generator (its attention maps then equal the MAE's own
+    class-token attention, averaged over heads), and freeze leaves only the conv head training."""
+    from safetensors.torch import save_file
+    from mlomae.models.mae import MaskedAutoencoder
+    from mlomae.models.maskers import AttentionMaskGenerator
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(28, 4, 1, 32, 2, 4, 32, 1, 4)
+    enc = {k: v.contiguous() for k, v in mae.state_dict().items()
+           if not k.startswith("decoder_") and k != "mask_token"}
+    save_file(enc, str(tmp_path / "enc.safetensors"))
+    gen = AttentionMaskGenerator(28, 4, 1, 32, 2, 4, conv_channels=(4,),
+                                 pretrained=str(tmp_path / "enc.safetensors"), freeze=True)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(gen.attention_maps(x).flatten(2).mean(1), mae.cls_attention(x),
+                                   rtol=0, atol=1e-6)
+    assert [n for n, p in gen.named_parameters() if p.requires_grad] == \
+        [n for n, _ in gen.head.named_parameters(prefix="head")]
+    with pytest.raises(ValueError, match="does not fit"):
+        AttentionMaskGenerator(28, 4, 1, 64, 2, 4, pretrained=str(tmp_path / "enc.safetensors"))
+    with pytest.raises(ValueError, match="not found"):
+        AttentionMaskGenerator(28, 4, 1, 32, 2, 4, pretrained=str(tmp_path / "none.safetensors"))

@@ -121,17 +121,20 @@ class PixelMasker(nn.Module):
 class AttentionMaskGenerator(nn.Module):
     """AutoMAE's mask generator: a ViT's last-block CLS->patch attention, then a small conv head.
 
-    The ViT (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``: timm's names, so a
-    pretrained timm ViT's weights load with ``strict=False``) is its own; AutoMAE used a
-    pretrained one, frozen. Freezing is the caller's: ``backbone_parameters()`` lists what to
-    freeze. The conv head maps the [N, heads, gh, gw] attention maps to patch logits [N, L]:
+    The ViT (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``: timm's names) is its
+    own; AutoMAE used a pretrained one, frozen: ``pretrained`` is a local file of ViT weights
+    (``mlomae export``'s safetensors of a random-mask MAE run, or any timm ``VisionTransformer``
+    state dict saved as safetensors or a weights-only torch file; nothing is downloaded) loaded
+    into the backbone, and ``freeze`` stops its parameters training (``backbone_parameters()``
+    lists them). The conv head maps the [N, heads, gh, gw] attention maps to patch logits [N, L]:
     3x3 convolutions through ``conv_channels`` with ReLU, and a last 3x3 convolution to 1 channel.
     Only the last block's ``norm1`` and ``qkv`` are read there; its value path and MLP get no
     gradient (kept so the block stays a timm ``Block`` for loading weights).
     """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int,
-                 num_heads: int, conv_channels: tuple[int, ...] = (32, 32), mlp_ratio: float = 4.0):
+                 num_heads: int, conv_channels: tuple[int, ...] = (32, 32), mlp_ratio: float = 4.0,
+                 pretrained: str | None = None, freeze: bool = False):
         super().__init__()
         if depth < 1:
             raise ValueError(f"the generator needs at least one block for attention maps, got depth={depth}")
@@ -150,6 +153,37 @@ class AttentionMaskGenerator(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
         layers.append(nn.Conv2d(chans[-1], 1, 3, padding=1))
         self.head = nn.Sequential(*layers)
+        if pretrained:
+            self.load_backbone(pretrained)
+        if freeze:
+            for p in self.backbone_parameters():
+                p.requires_grad_(False)
+
+    def load_backbone(self, path: str) -> None:
+        """Load ViT weights from a local safetensors or weights-only torch file: every backbone
+        tensor must be there with its shape (a timm ViT's ``norm``/``head``/``fc_norm`` and any
+        further blocks are ignored); ``pos_embed`` stays the fixed sin-cos buffer (an MAE's
+        export holds the same one)."""
+        import os
+        if not os.path.isfile(path):
+            raise ValueError(f"pretrained weights not found: {path}")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+        missing = [k for k in own if k not in state and k != "pos_embed"]
+        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        if missing or wrong:
+            raise ValueError(f"{path} does not fit the generator's ViT: "
+                             + "; ".join(([f"missing {', '.join(missing[:5])}"] if missing else [])
+                                         + ([f"shape {', '.join(wrong[:3])}"] if wrong else [])))
+        with torch.no_grad():
+            for k, v in own.items():
+                if k != "pos_embed":
+                    v.copy_(state[k])
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """The ViT's parameters (everything but the conv head): what a caller freezes."""
