@@ -116,7 +116,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .sweep import compare
-    print(compare(args.experiment, uri=args.uri, metrics=args.metrics))
+    print(compare(args.experiment, uri=args.uri, metrics=args.metrics, group_by=args.group_by,
+                  fmt=args.format))
     return 0
 
 
@@ -194,6 +195,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("experiment", help="MLflow experiment name")
     sp.add_argument("--uri", default="sqlite:///runs/mlflow.db")
     sp.add_argument("--metrics", help="comma-separated metric names (default: all final metrics)")
+    sp.add_argument("--group-by", help="comma-separated params (e.g. hypergrad.method): one row "
+                                       "per group, mean ± std over its runs (e.g. the seeds)")
+    sp.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown",
+                    help="with --group-by: the table's format")
 
     sp = add("sync", cmd_sync, "deliver a run's metrics that MLflow has not received yet")
     sp.add_argument("run_dir")

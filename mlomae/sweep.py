@@ -99,9 +99,62 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def group(records: Sequence[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]
+          ) -> list[dict[str, Any]]:
+    """Runs grouped by the values of the params ``by`` (each record: ``params``, ``metrics``,
+    ``seconds``): per group the number of runs, and for each metric and the wall time the mean
+    and the sample standard deviation (n - 1; 0 for one run) over the runs that have it, in the
+    order groups first appear."""
+    import statistics
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(tuple(r["params"].get(k) for k in by), []).append(r)
+    out = []
+    for key, runs in groups.items():
+        row: dict[str, Any] = dict(zip(by, key))
+        row["runs"] = len(runs)
+        for m in [*metrics, "seconds"]:
+            xs = [float(v) for r in runs if (v := (r["seconds"] if m == "seconds" else
+                                                    r["metrics"].get(m))) is not None]
+            row[m] = (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                      len(xs)) if xs else None
+        out.append(row)
+    return out
+
+
+def format_groups(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
+    """``markdown`` (mean ± std), ``csv`` (mean and std columns) or ``json``."""
+    import json
+    if fmt == "json":
+        return json.dumps([{k: (dict(zip(("mean", "std", "n"), v)) if isinstance(v, tuple) else v)
+                            for k, v in r.items()} for r in rows], indent=2)
+    cols = list(rows[0]) if rows else []
+    if fmt == "csv":
+        moments = {k for k in cols for r in rows if isinstance(r[k], tuple)}
+        head = [c for k in cols for c in ((f"{k}_mean", f"{k}_std") if k in moments else (k,))]
+        lines = [",".join(head)]
+        for r in rows:
+            cells = []
+            for k in cols:
+                v = r[k]
+                if k in moments:
+                    cells += [f"{v[0]:.6g}", f"{v[1]:.6g}"] if isinstance(v, tuple) else ["", ""]
+                else:
+                    cells.append("" if v is None else str(v))
+            lines.append(",".join(cells))
+        return "\n".join(lines)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(
+            (f"{r[k][0]:.4g} ± {r[k][1]:.2g}" if isinstance(r[k], tuple) else
+             "–" if r[k] is None else str(r[k])) for k in cols) + " |")
+    return "\n".join(lines)
+
+
 def compare(experiment: str, uri: str = "sqlite:///runs/mlflow.db",
-            metrics: str | None = None) -> str:
-    """Runs of an MLflow experiment: the params that differ between them and final metrics."""
+            metrics: str | None = None, group_by: str | None = None, fmt: str = "markdown") -> str:
+    """Runs of an MLflow experiment: the params that differ between them and final metrics;
+    with ``group_by`` (comma-separated params), one row per group: mean ± std over the runs."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -117,6 +170,17 @@ def compare(experiment: str, uri: str = "sqlite:///runs/mlflow.db",
     differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     wanted = metrics.split(",") if metrics else sorted(
         {k for r in runs for k in r.data.metrics if k.startswith("eval/") or k.endswith("/loss")})
+    if group_by:
+        by = [k.strip() for k in group_by.split(",") if k.strip()]
+        unknown = [k for k in by if k not in keys]
+        if unknown:
+            from .errors import did_you_mean
+            raise ConfigError("no run has this param" + did_you_mean(unknown[0], keys),
+                              key="--group-by", value=unknown[0])
+        records = [{"params": r.data.params, "metrics": r.data.metrics,
+                    "seconds": ((r.info.end_time - r.info.start_time) / 1000
+                                if r.info.end_time and r.info.start_time else None)} for r in runs]
+        return format_groups(group(records, by, wanted), fmt)
     rows = []
     for r in runs:
         row: dict[str, Any] = {"run": r.info.run_name, "status": r.info.status}
