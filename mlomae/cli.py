@@ -68,6 +68,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for k, v in summary["eval"].items():
             if isinstance(v, float):
                 print(f"{k}: {v:.4f}")
+        # what to watch for a masker that collapsed onto one mask (1 = the same for every image)
+        for k, v in (summary.get("final_metrics") or {}).items():
+            if k.endswith("/mask_agreement") and isinstance(v, float):
+                print(f"{k}: {v:.4f}")
     return 0
 
 
