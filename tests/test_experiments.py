@@ -116,7 +116,7 @@ def test_quickstart_runs_end_to_end_and_writes_the_test_accuracy(tmp_path):
     summary = runner.run()
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written["status"] == "FINISHED"
-    assert written["problem_steps"] == {"pretrain": 6, "finetune": 3, "mask": 3}
+    assert written["problem_steps"] == {"pretrain": 12, "finetune": 3, "mask": 3}   # 4/1/1
     acc = written["eval"]["test_top1"]
     assert written["eval"]["test_count"] == 500
     data = runner.built.data
