@@ -19,7 +19,6 @@ and cg are from unroll at each K (the answers differ by design; the point is tha
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os

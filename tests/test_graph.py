@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilevel import Const, Vector
+from bilevel import Vector
 from mlomae.engine import Dependency, Engine, Graph, Problem
 from mlomae.errors import GraphError
 from mlomae.hypergrad.darts import Darts

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilevel import Const, Vector
+from bilevel import Vector
 from mlomae.cli import main
 from mlomae.engine import Dependency, Engine, Problem
 from mlomae.errors import NonFiniteError

@@ -10,7 +10,6 @@ so it is compared at a fixed state: the same lower steps, the push under either 
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

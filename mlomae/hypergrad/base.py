@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
