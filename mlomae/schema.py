@@ -272,6 +272,10 @@ def _check_data_section(cfg: Config) -> None:
             raise cfg.error("names no split declared in data.splits" + did_you_mean(spec["data"], splits),
                             key=f"problems.{name}.data", value=spec["data"],
                             hint="declared splits: " + (", ".join(splits) or "none"))
+    options = data.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise cfg.error("must be a mapping of the dataset's options, e.g. {n: 1000, image_size: "
+                        "224}", key="data.options", value=options)
     bs = data.get("batch_size", 128)
     if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
         raise cfg.error("must be a positive integer", key="data.batch_size", value=bs)

@@ -22,13 +22,14 @@ from mlomae.data.bundle import DataBundle, load_data
 from mlomae.data.folder import FolderImageDataset
 from mlomae.data.loader import InfiniteLoader, make_loader
 from mlomae.data.sources import DATASETS, DatasetEntry, build_dataset, read_idx
+from mlomae.data.synthetic import SyntheticImageDataset
 from mlomae.data.splits import (SplitSpec, base_permutation, check_disjoint, load_split_indices,
                                 parse_split, resolve_split, resolve_splits, save_split_indices)
 from mlomae.data.transforms import BatchTransform, eval_transform, pretrain_transform
 
 __all__ = [
     "DATA_ENV", "DATASETS", "BatchTransform", "DataBundle", "DatasetEntry", "DatasetMeta",
-    "FolderImageDataset", "InfiniteLoader", "SplitSpec", "TensorImageDataset", "TensorPairDataset",
+    "FolderImageDataset", "InfiniteLoader", "SplitSpec", "SyntheticImageDataset", "TensorImageDataset", "TensorPairDataset",
     "base_permutation", "build_dataset", "check_disjoint", "data_roots", "dataset_labels",
     "eval_transform", "load_data", "load_split_indices", "make_loader", "parse_split",
     "pretrain_transform", "read_idx", "resolve_split", "resolve_splits", "save_split_indices",

@@ -15,6 +15,8 @@ $MLOMAE_DATA, then ~/.cache/mlomae):
 - imagenet: ``R`` or ``R/imagenet`` holding ``train/<wnid>/`` and ``val/<wnid>/``; test = val.
 - npz: a ``.npz`` file (``path=`` or ``root`` itself), see ``_npz``.
 - synthetic_regression / synthetic_classification: generated from a seed, nothing on disk.
+- synthetic_imagenet: ImageNet's shape (1.28M / 50k images, 3 x 224 x 224, 1000 classes) or any
+  other, generated per item from a seed when a batch is drawn (``synthetic.py``); nothing on disk.
 
 ``download=True`` calls torchvision's downloader into the first root (for the four torchvision
 sets); nothing downloads unless asked.
@@ -36,6 +38,7 @@ import torch
 from mlomae.data.base import (IMAGENET_MEAN, IMAGENET_STD, DatasetMeta, TensorImageDataset,
                               TensorPairDataset, data_roots, missing_data)
 from mlomae.data.folder import (FolderImageDataset, class_folders, imagenet_synsets, loose_images)
+from mlomae.data.synthetic import SyntheticImageDataset
 from mlomae.errors import ConfigError, DataError
 
 BASE_SPLITS = ("train", "test")
@@ -384,3 +387,42 @@ def _synthetic_classification(root, split, download, n: int = 1024, num_classes:
     meta = DatasetMeta("synthetic_classification", num_classes, channels,
                        (image_size, image_size), (0.5,) * channels, (0.3,) * channels)
     return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels), meta)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
+            (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"must be an integer {span}", key=f"data.options.{name}", value=value)
+    return int(value)
+
+
+@register("synthetic_imagenet")
+def _synthetic_imagenet(root, split, download, n: int = 1_281_167, n_test: int = 50_000,
+                        num_classes: int = 1000, channels: int = 3, image_size: int = 224,
+                        noise: float = 0.25, seed: int = 0):
+    """ImageNet-shaped images generated on demand (defaults: 1.28M train / 50k test, 3x224x224).
+
+    ``n`` / ``n_test``: items of the train / test base split; splits, label fractions, sharding
+    and every problem work on it as on any other source. Item i depends on (seed, split, i)
+    only (see ``synthetic.py``); ``seed`` is this option, not the experiment's seed, so that
+    changing the experiment's seed reshuffles the splits but keeps the images.
+    """
+    n = _check_int("n", n, 1)
+    n_test = _check_int("n_test", n_test, 1)
+    num_classes = _check_int("num_classes", num_classes, 1)
+    channels = _check_int("channels", channels, 1, 3)
+    if channels == 2:
+        raise ConfigError("must be 1 (grayscale) or 3 (colour)", key="data.options.channels",
+                          value=channels)
+    image_size = _check_int("image_size", image_size, 1)
+    seed = _check_int("seed", seed, 0)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        raise ConfigError("must be a number >= 0 (the pixel noise's standard deviation, in units "
+                          "of the full range)", key="data.options.noise", value=noise)
+    size = n if split == "train" else n_test
+    meta = DatasetMeta("synthetic_imagenet", num_classes, channels, (image_size, image_size),
+                       (0.5,) * channels, (0.3,) * channels,
+                       classes=tuple(f"class_{k:04d}" for k in range(num_classes)))
+    return SyntheticImageDataset(size, num_classes, channels, image_size, float(noise), seed,
+                                 split, meta)
