@@ -105,7 +105,8 @@ class Progress(Callback):
         self.start_step = engine.outer_step
 
     def _record(self, rec: dict) -> None:
-        self.latest = {k: v for k, v in rec.items() if k.endswith("/loss")}
+        # records without losses (validation, hypergradient checks) keep the last ones shown
+        self.latest = {k: v for k, v in rec.items() if k.endswith("/loss")} or self.latest
         if not self.tty:
             self._line(rec["step"], force=rec["step"] == self.total)
 
@@ -146,3 +147,45 @@ class Periodic(Callback):
     def on_outer_step(self, engine: Engine, step: int, records: list[StepRecord]) -> None:
         if (self.every and step % self.every == 0) or (self.at_end and step == self.total):
             self.fn(engine, step)
+
+
+class HypergradCheck(Callback):
+    """Every ``every`` outer steps: for each upper problem with a hypergradient path, its
+    gradient by the experiment's methods against the exact unroll through the same lower steps
+    (:class:`mlomae.check.StateCheck`, at the state after this outer step), logged as
+    ``hypercheck/<upper>/cosine``, ``rel_error``, ``norm_ratio`` and ``seconds`` (the check's
+    wall time), and ``hypercheck/<upper>/<method>/...`` for each of ``methods``.
+
+    The check runs on engines of its own, loaded with a copy of the state and of the random
+    states, which are restored afterwards: the training goes on exactly as without it. Its time
+    is left out of the next ``outer_step_seconds``. The engines are built when the run starts
+    (an experiment the reference cannot unroll fails there)."""
+
+    def __init__(self, built: Any, metrics: Metrics, every: int, methods: list[str] | None = None,
+                 rank: int = 0, world: int = 1):
+        self.built, self.metrics, self.every = built, metrics, every
+        self.methods, self.rank, self.world = list(methods or []), rank, world
+        self.check = None
+
+    def on_run_start(self, engine: Engine) -> None:
+        from .check import StateCheck
+        self.check = StateCheck(self.built.cfg, self.methods, data=self.built.data,
+                                rank=self.rank, world=self.world)
+
+    def on_outer_step(self, engine: Engine, step: int, records: list[StepRecord]) -> None:
+        if step % self.every:
+            return
+        from .checkpoint import rng_state
+        t0 = time.perf_counter()
+        rows = self.check.compare(engine.state_dict(), rng_state())
+        rec: dict[str, Any] = {"step": step, "time": time.time()}
+        for r in rows:
+            if r["reference"]:
+                continue
+            base = f"hypercheck/{r['upper']}/" + ("" if r["configured"] else f"{r['label']}/")
+            for k in ("cosine", "rel_error", "norm_ratio"):
+                rec[base + k] = r[k]
+        for upper in self.check.uppers:
+            rec[f"hypercheck/{upper}/seconds"] = sum(r["seconds"] for r in rows if r["upper"] == upper)
+        self.metrics.t_last += time.perf_counter() - t0   # training pace without the check
+        self.metrics.emit(rec)

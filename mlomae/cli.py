@@ -102,11 +102,19 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_check_hypergrad(args: argparse.Namespace) -> int:
-    from .check import check_hypergrad, format_table
-    cfg = _load(args.experiment, args.overrides)
+    from .check import check_checkpoint, check_hypergrad, format_table
     methods = args.methods.split(",") if args.methods else None
-    rows = check_hypergrad(cfg, methods=methods)
-    print(format_table(rows))
+    if Path(args.experiment).is_dir():   # a run directory: at one of its checkpoints
+        step, rows = check_checkpoint(args.experiment, args.step, methods, args.overrides or [])
+        print(f"{args.experiment}: checkpoint of outer step {step}")
+        print(format_table(rows, at="this checkpoint's state, on the batches of the next outer step"))
+    else:
+        if args.step is not None:
+            raise ConfigError("--step names a checkpoint: give a run directory, not an "
+                              "experiment file", key="--step", value=args.step)
+        cfg = _load(args.experiment, args.overrides)
+        rows = check_hypergrad(cfg, methods=methods)
+        print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
@@ -178,15 +186,19 @@ def parser() -> argparse.ArgumentParser:
     for name, fn, help in (("validate", cmd_validate, "check an experiment: schema, graph, targets, data"),
                            ("graph", cmd_graph, "show problems, dependencies, schedule and hypergradient paths"),
                            ("check-hypergrad", cmd_check_hypergrad,
-                            "compare every hypergradient method with the exact unroll at the initial state")):
+                            "compare every hypergradient method with the exact unroll at the initial "
+                            "state, or at a run's checkpoint")):
         sp = add(name, fn, help)
-        sp.add_argument("experiment", help="experiment YAML file")
+        sp.add_argument("experiment", help="experiment YAML file" + (
+            " or run directory" if name == "check-hypergrad" else ""))
         sp.add_argument("overrides", nargs="*", help="key.path=value overrides")
         if name == "graph":
             sp.add_argument("--format", choices=["text", "mermaid", "both"], default="both")
         if name == "check-hypergrad":
             sp.add_argument("--methods", help="comma-separated (default: all)")
             sp.add_argument("--json", help="also write the rows to this file")
+            sp.add_argument("--step", type=int, help="with a run directory: the checkpoint of "
+                            "this outer step (default: the latest intact one)")
 
     sp = add("sweep", cmd_sweep, "one run per grid point, under one parent MLflow run")
     sp.add_argument("experiment")

@@ -177,6 +177,10 @@ class Runner:
             cbs.append(Progress(total, metrics, self.stream))
         if tr["eval_every"]:
             cbs.append(Periodic(tr["eval_every"], total, self._validate_hook(metrics)))
+        if tr["check_hypergrad_every"]:   # before the checkpoint: it saves the state checked
+            from .callbacks import HypergradCheck
+            cbs.append(HypergradCheck(self.built, metrics, tr["check_hypergrad_every"],
+                                      tr["check_hypergrad_methods"], self.rank, self.world))
         # always a final checkpoint: `mlomae eval`, `masks` and `export` reload it
         cbs.append(Periodic(tr["checkpoint_every"], total, self.save_checkpoint, at_end=True))
         cbs.append(stopper)

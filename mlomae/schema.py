@@ -28,6 +28,8 @@ TRAINER_KEYS: dict[str, tuple[Any, Any]] = {
     "on_nonfinite": (str, "raise"),
     "deterministic": (bool, False),
     "threads": (int, 0),
+    "check_hypergrad_every": (int, 0),
+    "check_hypergrad_methods": (list, []),
 }
 TRACKING_KEYS: dict[str, tuple[Any, Any]] = {
     "enabled": (bool, True),
@@ -111,6 +113,10 @@ def validate(cfg: Config) -> None:
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "threads"):
         if tr[k] < 0:
             raise cfg.error("must be >= 0", key=f"trainer.{k}", value=tr[k])
+    if tr["check_hypergrad_every"] < 0:
+        raise cfg.error("must be >= 0 (outer steps between hypergradient checks; 0: none)",
+                        key="trainer.check_hypergrad_every", value=tr["check_hypergrad_every"])
+    _check_methods_list(cfg, tr["check_hypergrad_methods"], "trainer.check_hypergrad_methods")
     if tr["precision"] not in PRECISIONS:
         raise cfg.error("unknown precision" + did_you_mean(tr["precision"], PRECISIONS),
                         key="trainer.precision", value=tr["precision"],
@@ -192,6 +198,16 @@ def validate(cfg: Config) -> None:
         deps[i] = dep
     d["dependencies"] = deps
     _check_data_section(cfg)
+
+
+def _check_methods_list(cfg: Config, methods: list, key: str) -> None:
+    """Method names compared with the reference beside the configured ones."""
+    from .hypergrad import METHODS
+    for i, m in enumerate(methods):
+        if m not in METHODS:
+            raise cfg.error("unknown hypergradient method" + (did_you_mean(m, METHODS)
+                            if isinstance(m, str) else ""), key=f"{key}[{i}]", value=m,
+                            hint="known: " + ", ".join(METHODS))
 
 
 def _validate_hypergrad(cfg: Config, node: Any, key: str, top: bool = False) -> None:
