@@ -28,7 +28,7 @@ from .optim import build_optimizer, build_scheduler
 
 DATA_KEYS = {"dataset", "root", "download", "options", "batch_size", "num_workers", "splits",
              "img_size", "channels", "augment", "disjoint", "eval_batch_size"}
-PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # fp16: with loss scaling
 
 
 def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
@@ -177,6 +177,10 @@ def build(cfg: Config, *, rank: int = 0, world: int = 1, callbacks=()) -> Built:
     problems = build_problems(cfg, models, data, device)
     precision = resolve_precision(cfg["trainer"]["precision"], device)
     engine = build_engine(cfg, problems, device, world, callbacks, precision[0])
+    if engine.scaling:
+        ls = engine.loss_scale
+        precision = (precision[0], f"{precision[1]}; dynamic loss scale from {ls.init:g}, "
+                                   f"x{ls.growth:g} every {ls.growth_interval} clean steps")
     choose_attention(cfg, engine)
     return Built(cfg, device, models, problems, engine, data, precision=precision)
 
@@ -241,7 +245,7 @@ def build_engine(cfg: Config, problems: dict[str, Problem], device: torch.device
         return Engine(list(problems.values()), dependencies(cfg), method=method, options=flat,
                       method_options=per, device=device, reducer=_reducer(world),
                       on_nonfinite=tr["on_nonfinite"], autocast_dtype=PRECISION[precision],
-                      callbacks=list(callbacks))
+                      loss_scale=tr.get("loss_scale"), callbacks=list(callbacks))
     except MlomaeError as e:
         raise ConfigError(str(e), file=cfg.file, key="dependencies") from None
 

@@ -28,8 +28,16 @@ TRAINER_KEYS: dict[str, tuple[Any, Any]] = {
     "on_nonfinite": (str, "raise"),
     "deterministic": (bool, False),
     "threads": (int, 0),
+    "loss_scale": (dict, None),   # fp16 only; absent unless given
     "check_hypergrad_every": (int, 0),
     "check_hypergrad_methods": (list, []),
+}
+# trainer.loss_scale: dynamic loss scaling under fp16 (torch.amp.GradScaler's defaults)
+LOSS_SCALE_KEYS: dict[str, tuple[Any, Any]] = {
+    "init": ((int, float), 65536.0),
+    "growth_interval": (int, 2000),
+    "growth": ((int, float), 2.0),
+    "backoff": ((int, float), 0.5),
 }
 TRACKING_KEYS: dict[str, tuple[Any, Any]] = {
     "enabled": (bool, True),
@@ -121,6 +129,7 @@ def validate(cfg: Config) -> None:
         raise cfg.error("unknown precision" + did_you_mean(tr["precision"], PRECISIONS),
                         key="trainer.precision", value=tr["precision"],
                         hint="one of " + ", ".join(PRECISIONS))
+    _validate_loss_scale(cfg, tr)
     if tr["on_nonfinite"] not in ("raise", "skip"):
         raise cfg.error("must be 'raise' or 'skip'", key="trainer.on_nonfinite",
                         value=tr["on_nonfinite"])
@@ -208,6 +217,34 @@ def _check_methods_list(cfg: Config, methods: list, key: str) -> None:
             raise cfg.error("unknown hypergradient method" + (did_you_mean(m, METHODS)
                             if isinstance(m, str) else ""), key=f"{key}[{i}]", value=m,
                             hint="known: " + ", ".join(METHODS))
+
+
+def _validate_loss_scale(cfg: Config, tr: dict[str, Any]) -> None:
+    """``trainer.loss_scale: {init, growth_interval, growth, backoff}``, read under fp16 only;
+    defaults filled in when the block is given, the key left out when it is not (so the
+    digest that ``--resume`` compares stays that of earlier runs)."""
+    if tr.get("loss_scale") is None:
+        tr.pop("loss_scale", None)
+        return
+    key = "trainer.loss_scale"
+    ls = check_section(cfg, tr["loss_scale"], LOSS_SCALE_KEYS, key)
+    for k in ("init", "growth", "backoff"):
+        if ls[k] != ls[k] or ls[k] in (float("inf"), float("-inf")):
+            raise cfg.error("must be a finite number", key=f"{key}.{k}", value=ls[k])
+        ls[k] = float(ls[k])
+    if ls["init"] < 1:
+        raise cfg.error("must be >= 1 (the scale never goes below 1)", key=f"{key}.init",
+                        value=ls["init"], hint="GradScaler's default is 65536 (2**16)")
+    if ls["growth_interval"] < 1:
+        raise cfg.error("must be a positive integer (clean steps before the scale grows)",
+                        key=f"{key}.growth_interval", value=ls["growth_interval"])
+    if not ls["growth"] > 1:
+        raise cfg.error("must be > 1 (the factor the scale grows by)", key=f"{key}.growth",
+                        value=ls["growth"])
+    if not 0 < ls["backoff"] < 1:
+        raise cfg.error("must be between 0 and 1, exclusive (the factor the scale shrinks by "
+                        "after an overflow)", key=f"{key}.backoff", value=ls["backoff"])
+    tr["loss_scale"] = ls
 
 
 def _validate_hypergrad(cfg: Config, node: Any, key: str, top: bool = False) -> None:

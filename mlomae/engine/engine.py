@@ -6,6 +6,13 @@ for a problem with lower problems, with respect to its own parameters *and* to t
 problems its loss reads, whose adjoints it then pushes down the hypergradient paths (a problem
 before the problems it reads), each push by the method of that edge. Graphs live only within
 one outer step.
+
+Under fp16 autocast every problem's loss is scaled before it is differentiated and its
+gradients unscaled at once (``scaling.py``): the direct gradient and the adjoints handed to the
+pushes are unscaled, and every push sees float32 quantities only: the lower losses they
+re-evaluate run without autocast, and so do the lower steps whose graphs a push differentiates
+(unroll's recorded steps, exact DARTS's kept step), since one scale cannot keep both factors of a
+second derivative within fp16's range. bf16 and float32 runs take none of this.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from ..hypergrad import DEFAULT, Keep, LowerLevel, Method
 from . import diffopt, rng
 from .graph import Dependency, Graph
 from .problem import Problem
+from .scaling import LossScale, ScaleState
 from .steps import KeptSteps, StepRecord, add, fill, norm
 
 
@@ -54,14 +62,18 @@ class Callback:
 class Engine:
     """``method`` is the default hypergradient method: a name with its ``options``, or a
     ``Method`` object (``Darts(alpha=0.02)``); ``method_options`` holds options per method name
-    (kept when the default changes). Unknown methods or options raise ``GraphError``."""
+    (kept when the default changes). Unknown methods or options raise ``GraphError``.
+
+    ``autocast_dtype=torch.float16`` turns on dynamic loss scaling with ``loss_scale`` (a
+    ``LossScale`` or a mapping of its options; GradScaler's defaults)."""
 
     def __init__(self, problems: Sequence[Problem], dependencies: Sequence[Dependency] = (), *,
                  method: "str | Method" = DEFAULT, options: Mapping[str, Any] | None = None,
                  method_options: Mapping[str, Mapping[str, Any]] | None = None,
                  device: str | torch.device = "cpu", on_nonfinite: str = "raise",
                  autocast_dtype: torch.dtype | None = None, callbacks: Sequence[Callback] = (),
-                 reducer: "Reducer | None" = None):
+                 reducer: "Reducer | None" = None,
+                 loss_scale: "LossScale | Mapping[str, Any] | None" = None):
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip' (got {on_nonfinite!r})")
         self.problems: dict[str, Problem] = {p.name: p for p in problems}
@@ -75,6 +87,8 @@ class Engine:
         self.device = torch.device(device)
         self.on_nonfinite = on_nonfinite
         self.autocast_dtype = autocast_dtype
+        self.loss_scale = LossScale.make(loss_scale)
+        self.scales = {n: ScaleState(self.loss_scale) for n in self.problems}
         self.callbacks = list(callbacks)
         self.reducer = reducer or Reducer()
         self.schedule = self.graph.cycle()
@@ -143,6 +157,11 @@ class Engine:
         return records
 
     # -- one problem step -------------------------------------------------------------------
+    @property
+    def scaling(self) -> bool:
+        """Whether losses are scaled: under fp16 autocast."""
+        return self.autocast_dtype is torch.float16
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
@@ -181,7 +200,16 @@ class Engine:
         loss, logs = self.evaluate(p, batch)
         entered = [self.problems[n] for n in plan.enters] if plan else []
         targets = params + [t for q in entered for t in self.params_of(q)]
-        grads = list(torch.autograd.grad(loss, targets, allow_unused=True)) if targets else []
+        scale = self.scales[p.name].scale if self.scaling else None
+        if scale is None:
+            grads = list(torch.autograd.grad(loss, targets, allow_unused=True)) if targets else []
+        else:
+            logs = {**logs, "loss_scale": scale}
+            grads = list(torch.autograd.grad(loss.float() * scale, targets, allow_unused=True)) \
+                if targets else []
+            present = [g for g in grads if g is not None]
+            if present:   # unscaled before anything reads them: clipping, the guard, the pushes
+                torch._foreach_mul_(present, 1.0 / scale)
         grads = self.reducer.mean(grads)
         direct = grads[:len(params)]
         hyper = None
@@ -197,7 +225,8 @@ class Engine:
     def _plain_step(self, p: Problem, batch: Any) -> StepRecord:
         params = self.params_of(p)
         loss, logs, direct, hyper = self._gradients(p, batch, params)
-        rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs)
+        rec = StepRecord(p.name, p.step_count + 1, self.outer_step, loss.detach(), logs,
+                         loss_scale=self.scales[p.name].scale if self.scaling else None)
         if hyper is not None:
             rec.hypergrad_norm = norm(hyper)
             direct = [add(d, h) for d, h in zip(direct, hyper)]
@@ -229,11 +258,17 @@ class Engine:
     def apply_gradients(self, p: Problem, params: list[Tensor], grads: list[Tensor], loss: Tensor,
                         rec: StepRecord) -> None:
         """Check, clip and apply gradients (kept, as applied, where a push reads them), then
-        count the step."""
+        count the step. ``grads`` are unscaled; ``rec.loss_scale`` is the scale the loss was
+        multiplied by (None: not scaled), which then learns from this step."""
         gnorm = norm(grads) if grads else torch.zeros((), device=self.device)
         rec.grad_norm = gnorm
         finite = math.isfinite(float(gnorm + loss.detach()))  # one host sync, as bool() was
-        if not finite:
+        if rec.loss_scale is not None:
+            if finite:
+                self.scales[p.name].clean()
+            elif not self._overflow(p, loss, rec):
+                self.nonfinite(p, loss, gnorm, rec)
+        elif not finite:
             self.nonfinite(p, loss, gnorm, rec)
         if rec.skipped or p.optimizer is None or not params:
             p.step_count += 1
@@ -252,6 +287,20 @@ class Engine:
             p.scheduler.step()
         p.step_count += 1
 
+    def _overflow(self, p: Problem, loss: Tensor, rec: StepRecord) -> bool:
+        """A non-finite scaled gradient with a finite loss (on every process) is an fp16
+        overflow: the step is skipped and counted, the scale backed off. False: not one (the
+        loss itself is non-finite, or the scale is already 1), for the non-finite guard."""
+        if not self.reducer.all(bool(torch.isfinite(loss.detach()))):
+            return False
+        if not self.scales[p.name].overflow():
+            return False
+        rec.skipped = True
+        rec.grad_norm = rec.hypergrad_norm = None   # inf by construction: kept out of the means
+        rec.logs["overflow/skipped"] = 1.0
+        p.skipped += 1
+        return True
+
     def nonfinite(self, p: Problem, loss: Tensor, gnorm: Tensor, rec: StepRecord) -> None:
         what = "loss" if not bool(torch.isfinite(loss.detach())) else (
             "hypergradient" if rec.hypergrad_norm is not None and not bool(torch.isfinite(rec.hypergrad_norm))
@@ -266,7 +315,8 @@ class Engine:
 
     # -- hypergradients ---------------------------------------------------------------------
     def _lower_view(self, q: Problem, method: Method) -> LowerLevel:
-        precise = method.precise_loss   # e.g. finite differences: no autocast
+        # e.g. finite differences: no autocast; under fp16 no push runs in fp16 (see above)
+        precise = method.precise_loss or self.scaling
 
         def loss_fn() -> Tensor:
             with rng.replay(q.last_rng, self._cuda):
@@ -320,6 +370,8 @@ class Engine:
                  "problems": {n: p.state_dict() for n, p in self.problems.items()}}
         if self.kept.gradients:   # what outlives an outer step: the gradients SAMA reads
             state["kept_gradients"] = self.kept.state_dict()
+        if self.scaling:
+            state["loss_scale"] = {n: s.state_dict() for n, s in self.scales.items()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -327,6 +379,9 @@ class Engine:
         for n, s in state["problems"].items():
             self.problems[n].load_state_dict(s)
         self.kept.load_state_dict(state.get("kept_gradients", {}))
+        for n, s in state.get("loss_scale", {}).items():
+            if n in self.scales:
+                self.scales[n].load_state_dict(s)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -12,9 +12,13 @@ read it.
 
 Both graph-keeping kinds read the problems they depend on through fresh leaf copies, so that
 in-place updates of the real parameters later in the outer step cannot invalidate their graphs.
+Under fp16 autocast they run in float32, unscaled: a push differentiates their gradients once
+more, and a second derivative's two factors do not both fit fp16's range under one loss scale
+(``engine.py``).
 ``KeptSteps`` owns all three records and the count of pushes still to read each graph; the
 engine hands it to the pushes. It reaches the engine only through the engine's public methods
-(``params_of``, ``named_params_of``, ``evaluate``, ``apply_gradients``, ``nonfinite``).
+(``params_of``, ``named_params_of``, ``evaluate``, ``apply_gradients``, ``nonfinite``,
+``scaling``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class StepRecord:
     hypergrad_norm: Tensor | None = None
     seconds: float = 0.0
     skipped: bool = False
+    loss_scale: float | None = None   # the fp16 loss scale the step's loss was multiplied by
 
 
 @dataclass
@@ -167,7 +172,7 @@ class KeptSteps:
         start = [x.detach().clone().requires_grad_(True) for x in real]
         with ExitStack() as stack:
             reads = self._swap_in(stack, p, start)
-            loss, logs = eng.evaluate(p, batch)
+            loss, logs = eng.evaluate(p, batch, autocast=not eng.scaling)
             grads = torch.autograd.grad(loss, start, create_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, start)]
         self.graphs[p.name] = KeptGraph(grads=grads, reads=reads, readers=readers)
@@ -197,7 +202,7 @@ class KeptSteps:
                     w.snap_at[r] = q.step_count
                 stack.enter_context(swap_params(q.module, {n: t for (n, _), t in
                                                            zip(qnamed, w.snaps[r][-1])}))
-            loss, logs = eng.evaluate(p, batch)
+            loss, logs = eng.evaluate(p, batch, autocast=not eng.scaling)
             grads = torch.autograd.grad(loss, w.params, create_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, w.params)]
         grads = eng.reducer.mean_differentiable(grads)

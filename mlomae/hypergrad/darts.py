@@ -17,6 +17,7 @@ under fused attention.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -66,7 +67,12 @@ def finite_difference(vs: list[Tensor], lower: LowerLevel, inputs: Sequence[Tens
     """-[∇_x f(θ + εv) − ∇_x f(θ − εv)] · scale / (2ε) with ε = α/‖v‖, θ restored bit for bit."""
     inputs = list(inputs)
     params = list(lower.params)
-    eps = alpha / (float(norm(vs)) + 1e-12)
+    size = float(norm(vs))
+    if not math.isfinite(size):
+        # an adjoint that overflowed (fp16 loss scaling): nothing to difference, and the
+        # upper step must see a non-finite hypergradient (then it is skipped as an overflow)
+        return lower.reduce([torch.full_like(x, float("nan")) for x in inputs])
+    eps = alpha / (size + 1e-12)
     saved = [p.detach().clone() for p in params]
 
     def grad_at(sign: float) -> tuple[Tensor | None, ...]:
