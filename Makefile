@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # Never ask for a torch newer than 2.14.1 (the release these machines carry on disk).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install dev data demo test quickstart toy bench bench-quick study clean
+.PHONY: install dev data demo test quickstart toy bench bench-quick gpu-check study clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,13 @@ bench-quick: $(BENCH_VENV)/.installed
 	$(BENCH) memory.py --quick
 	$(BENCH) precision.py --quick
 	$(BENCH) headlines.py --quick
+
+# the GPU check (benchmarks/README.md, "GPU check"): the CUDA tests, one-process torchrun (NCCL)
+# on the toy and the quickstart, engine vs hand-written MAE throughput at ViT-B/16 224 in bf16
+# and fp32, the MLO-MAE cycle's time and peak memory; one table, benchmarks/results/gpu_check.json.
+# Without CUDA it says so and runs the same code paths at tiny sizes on the CPU (a dry run).
+gpu-check: $(VENV)/.installed-dev
+	$(PY) benchmarks/gpu_check.py
 
 # the learned-masking study: the masker-collapse diagnosis (short runs), then every method x 3
 # seeds, resumable (hours on 2 cores; see benchmarks/study/study.yaml), then the table and the
