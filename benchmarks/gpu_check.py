@@ -480,8 +480,20 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str) + "\n")
     print(f"wrote {out} ({res['seconds']:.1f} s)")
+    miscounted = [r for r in res["torchrun"] if r["outer_steps"] != r["requested_steps"]
+                  or r["problem_steps"] != r["expected_problem_steps"]]
+    miscounted += [r for r in res["throughput"]
+                   if set(r["counted_steps"].values()) != {r["requested_steps"]}]
+    miscounted += [r for r in res["mlomae_cycle"] if r.get("error") is None and (
+        r["counted_steps"] != r["requested_steps"]
+        or r["problem_steps"] != r["expected_problem_steps"])]
     failed = res["cuda_tests"]["failed"] or any(r["returncode"] for r in res["torchrun"])
-    return 1 if failed else 0
+    if failed or miscounted:
+        print(f"FAILED: {res['cuda_tests']['failed']} CUDA test(s), "
+              f"{sum(1 for r in res['torchrun'] if r['returncode'])} torchrun run(s), "
+              f"{len(miscounted)} check(s) whose counted steps differ from the requested ones")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
