@@ -7,7 +7,7 @@ import torch
 
 from bilevel import (DT, Const, RidgeLower, ValUpper, Vector, regression, ridge_ift, ridge_inner,
                      wls_inner)
-from mlomae.engine import Dependency, Engine, Problem
+from mlomae.engine import Callback, Dependency, Engine, Problem
 from mlomae.engine import diffopt
 
 
@@ -346,3 +346,40 @@ def test_two_exact_uppers_read_one_record():
     a0, b0 = torch.zeros(5, dtype=DT), torch.full((5,), 0.3, dtype=DT)
     assert rel(a - a0, a_ref - a0) < 1e-12
     assert rel(b - b0, b_ref - b0) < 1e-12
+
+
+def test_hypergrad_cosine_logged_between_successive_steps_equals_closed_form():
+    """``hypergrad_cosine`` of the upper's second step: the cosine of its two hypergradients.
+    The lower converges each outer step (400 plain SGD steps), so with cg the two are the
+    implicit-function-theorem values at λ0 = 0 and at λ1 = λ0 − η·h0 (plain SGD on the upper,
+    η chosen so that λ moves by 0.5 at most; no direct gradient), computed here in closed form. The previous hypergradient
+    is engine state: an engine loaded from the state logs the same cosine next."""
+    def engine():
+        eng, data = ridge_engine("cg", 400, opt="plain_sgd", lr=0.5, options={"iters": 20})
+        eng.problems["hyper"].optimizer.param_groups[0]["lr"] = step
+        logged = []
+
+        class Grab(Callback):
+            def on_problem_step(self, engine, r):
+                if r.problem == "hyper":
+                    logged.append(r.logs.get("hypergrad_cosine"))
+
+        eng.callbacks = [Grab()]
+        return eng, data, logged
+
+    X, y = regression(200, 5, 0)
+    Xv, yv = regression(100, 5, 1)
+    h0, _ = ridge_ift(torch.zeros(5, dtype=DT), X, y, Xv, yv)
+    step = float(0.5 / h0.abs().max())          # λ1 moves by 0.5 at most: the lower still converges
+    h1, _ = ridge_ift(-step * h0, X, y, Xv, yv)
+    eng, _, logged = engine()
+    eng.run(2)
+    want = float(h0 @ h1 / (h0.norm() * h1.norm()))
+    assert logged[0] is None                    # nothing to compare the first one with
+    assert want < 0.999                         # the two directions do differ
+    assert abs(float(logged[1]) - want) < 1e-6
+    other, _, resumed = engine()
+    other.load_state_dict(eng.state_dict())
+    eng.run(3)
+    other.run(3)
+    assert float(resumed[0]) == float(logged[2])

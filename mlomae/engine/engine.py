@@ -89,6 +89,8 @@ class Engine:
         self.autocast_dtype = autocast_dtype
         self.loss_scale = LossScale.make(loss_scale)
         self.scales = {n: ScaleState(self.loss_scale) for n in self.problems}
+        # each problem's last hypergradient, flat: for the successive-step cosine it logs
+        self.last_hypergrad: dict[str, Tensor] = {}
         self.callbacks = list(callbacks)
         self.reducer = reducer or Reducer()
         self.schedule = self.graph.cycle()
@@ -229,10 +231,26 @@ class Engine:
                          loss_scale=self.scales[p.name].scale if self.scaling else None)
         if hyper is not None:
             rec.hypergrad_norm = norm(hyper)
+            self._hypergrad_cosine(p.name, hyper, params, rec)
             direct = [add(d, h) for d, h in zip(direct, hyper)]
         grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(direct, params)]
         self.apply_gradients(p, params, grads, loss, rec)
         return rec
+
+    def _hypergrad_cosine(self, name: str, hyper: list[Tensor | None], params: list[Tensor],
+                          rec: StepRecord) -> None:
+        """``hypergrad_cosine`` in the step's logs: the cosine between this step's hypergradient
+        and the problem's previous one (1: the same direction from batch to batch, about 0:
+        noise). The previous one is a flat float32 copy, kept in the engine's state."""
+        flat = torch.cat([(h if h is not None else torch.zeros_like(x)).detach().reshape(-1).float()
+                          for h, x in zip(hyper, params)]) if params else None
+        if flat is None:
+            return
+        prev = self.last_hypergrad.get(name)
+        if prev is not None and prev.shape == flat.shape:
+            denom = (prev.norm() * flat.norm()).clamp_min(1e-30)
+            rec.logs["hypergrad_cosine"] = (prev @ flat) / denom
+        self.last_hypergrad[name] = flat
 
     # -- inspection (check-hypergrad, tests) ------------------------------------------------
     def prefix(self, name: str) -> list[StepRecord]:
@@ -372,6 +390,8 @@ class Engine:
             state["kept_gradients"] = self.kept.state_dict()
         if self.scaling:
             state["loss_scale"] = {n: s.state_dict() for n, s in self.scales.items()}
+        if self.last_hypergrad:
+            state["last_hypergrad"] = dict(self.last_hypergrad)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -382,6 +402,8 @@ class Engine:
         for n, s in state.get("loss_scale", {}).items():
             if n in self.scales:
                 self.scales[n].load_state_dict(s)
+        self.last_hypergrad = {n: t.to(self.device) for n, t in
+                               state.get("last_hypergrad", {}).items() if n in self.problems}
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
