@@ -9,6 +9,18 @@ read with ``torch.load(weights_only=True)``: a run directory from someone else c
 on ``--resume``, ``eval``, ``masks`` or ``export``. A checkpoint that needs anything else is
 refused with a message. Checkpoints written before this format (numpy's random state as an
 array) still load: numpy arrays are the one extra type allowed.
+
+Multi-process runs: every process's torch, numpy and Python random states (and CUDA's, where
+used) are gathered to rank 0 and written into the one checkpoint, ``rng_ranks[r]`` for rank
+``r``, with ``world_size``; ``rng`` is rank 0's, as in single-process checkpoints. One file keeps
+the checkpoint atomic and checksummed as a whole: there is no step at which some ranks' states
+are on disk and others' are not. Everything else in a checkpoint is the same on every rank
+(parameters, optimizer states and data positions: gradients are averaged and every rank's
+loader counts the same batches), so it is taken from rank 0; so are buffers that follow the
+local batch (BatchNorm running statistics), which only evaluation reads, and evaluation runs on
+rank 0. A resume with another number of
+processes is refused unless asked to reshard (``rank_rng`` then has nothing for the new ranks).
+Checkpoints written before per-rank states have ``rng`` only and no ``world_size``.
 """
 
 from __future__ import annotations
@@ -93,6 +105,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def world_size_of(state: dict[str, Any]) -> int | None:
+    """How many processes wrote ``state``; None for a checkpoint from before per-rank random
+    states were saved (it holds rank 0's only)."""
+    w = state.get("world_size")
+    return None if w is None else int(w)
+
+
+def rank_rng(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """Process ``rank``'s random states in checkpoint ``state``; None where it holds none for
+    that rank (a rank beyond the processes that wrote it, or any rank but 0 in an older one)."""
+    ranks = state.get("rng_ranks")
+    if ranks is None:
+        return state["rng"] if rank == 0 else None
+    return ranks[rank] if rank < len(ranks) else None
+
+
 def save(directory: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 3) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -156,8 +184,9 @@ def verify(path: Path) -> str | None:
     return None if want == got else "checksum mismatch (truncated or corrupt)"
 
 
-def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest intact checkpoint; a broken newer one is reported and skipped."""
+def load_latest(directory: str | os.PathLike, report: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact checkpoint; a broken newer one is reported (unless ``report`` is
+    false: the processes of a multi-process run other than rank 0) and skipped."""
     bad: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(directory)):
         problem = verify(path)
@@ -169,10 +198,10 @@ def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | N
             except Exception as e:  # unreadable despite the checksum: treat as corrupt
                 bad.append((path, f"unreadable: {e}"))
                 continue
-            for b, why in bad:
+            for b, why in bad if report else ():
                 warn(f"checkpoint {b} is unusable ({why}); resuming from {path} instead")
             return path, state
         bad.append((path, problem))
-    for b, why in bad:
+    for b, why in bad if report else ():
         warn(f"checkpoint {b} is unusable ({why})")
     return None

@@ -29,6 +29,9 @@ def _load(path: str, overrides: list[str]):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import Runner, Stopped
+    if args.reshard and not args.resume:
+        raise ConfigError("--reshard continues a run with another number of processes: it "
+                          "needs --resume RUN_DIR", key="--reshard")
     if args.resume:
         rd = Path(args.resume)
         cfg_file = rd / "config.yaml"
@@ -52,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rank, world = dist_setup(cfg)
     try:
         runner = Runner(cfg, run_dir=run_dir, resume=resume, tracking=not args.no_tracking,
-                        rank=rank, world=world)
+                        rank=rank, world=world, reshard=args.reshard)
         try:
             summary = runner.run()
         except Stopped as e:
@@ -181,6 +184,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key.path=value overrides (+key=value adds a key)")
     sp.add_argument("--run-dir", help="run directory (default: tracking.runs_dir/NAME-TIMESTAMP)")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    sp.add_argument("--reshard", action="store_true",
+                    help="with --resume: continue with another number of processes than the "
+                         "checkpoint's (not an exact resume: ranks without saved random states "
+                         "draw fresh ones)")
     sp.add_argument("--no-tracking", action="store_true", help="no MLflow (the run directory is still written)")
 
     for name, fn, help in (("validate", cmd_validate, "check an experiment: schema, graph, targets, data"),

@@ -8,6 +8,13 @@ inside the hypergradient methods, the gradients of unrolled steps (differentiabl
 averaged over the processes. So N processes with batch b follow the same trajectory as one
 process with batch N·b, for every hypergradient method. Only rank 0 writes the run directory,
 checkpoints and tracking.
+
+Checkpoints of a multi-process run: each process draws its own masks and noise, so each has
+its own random states. ``gather_to_main`` collects them to rank 0, which writes them all into
+the one checkpoint (``mlomae.checkpoint``); on ``--resume`` every rank restores its own, and a
+resume with another number of processes is refused unless ``--reshard`` is given. A stop asked
+by a signal is agreed on by all processes (``max_over_ranks`` at the end of each outer step),
+so that they all take part in the checkpoint and stop after the same step.
 """
 
 from __future__ import annotations
@@ -76,6 +83,27 @@ class AllReduceMean(Reducer):
         t = torch.tensor([1.0 if flag else 0.0])
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() > 0)
+
+
+def gather_to_main(obj, rank: int, world: int) -> list | None:
+    """Every process's ``obj`` (picklable, small), in rank order, on rank 0; None on the others.
+    A collective: every rank must call it at the same point."""
+    if world <= 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def max_over_ranks(value: int, world: int) -> int:
+    """The largest of every process's ``value`` (a collective, as ``gather_to_main``)."""
+    if world <= 1:
+        return value
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def reducer(world: int) -> Reducer | None:

@@ -55,21 +55,50 @@ def _prepare_dir(path: Path, key: str) -> RunDir:
 
 
 class _StopOnSignal(Callback):
-    def __init__(self, save: Callable[[Engine, int], None]):
-        self.save, self.signum = save, None
+    """Checkpoint and stop at the end of the outer step in which a signal arrived. With several
+    processes they agree first (the largest signal number any of them received, 0 for none),
+    so that all take part in the checkpoint (it gathers their random states) and stop together."""
+
+    def __init__(self, save: Callable[[Engine, int], None], world: int = 1):
+        self.save, self.signum, self.world = save, None, world
 
     def on_outer_step(self, engine: Engine, step: int, records: list[StepRecord]) -> None:
         checkpoint._fault(f"kill-after-step:{step}")
-        if self.signum is not None:
+        signum = self.signum or 0
+        if self.world > 1:
+            from .distributed import max_over_ranks
+            signum = max_over_ranks(signum, self.world)
+        if signum:
             self.save(engine, step)
-            raise Stopped(self.signum)
+            raise Stopped(signum)
+
+
+def _processes(n: int) -> str:
+    return f"{n} process{'es' if n != 1 else ''}"
+
+
+def _ranks(first: int, last: int) -> str:
+    return f"rank {first}" if first == last else f"ranks {first}..{last}"
+
+
+def _rank_note(saved: int | None, world: int, name: str) -> str | None:
+    """The one line a resume prints when not every rank gets back its own random states."""
+    if saved is None:   # a checkpoint from before per-rank states: rank 0's only
+        return (f"{name} predates per-rank random states: {_ranks(1, world - 1)} draw fresh "
+                f"random streams") if world > 1 else None
+    if saved == world:
+        return None
+    tail = (f"{_ranks(saved, world - 1)} draw fresh random streams" if world > saved else
+            f"the random streams of {_ranks(world, saved - 1)} are dropped")
+    return f"resharding from {saved} to {_processes(world)} (--reshard): {tail}"
 
 
 class Runner:
     def __init__(self, cfg: Config, *, run_dir: str | os.PathLike | None = None, resume: bool = False,
                  tracking: bool = True, parent_run_id: str | None = None, stream=None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, reshard: bool = False):
         self.cfg, self.resume, self.rank, self.world = cfg, resume, rank, world
+        self.reshard = reshard
         self.stream = stream or sys.stderr
         self.tracking = tracking and cfg["tracking"]["enabled"]
         self.parent_run_id = parent_run_id
@@ -112,7 +141,7 @@ class Runner:
 
     # -- resume -------------------------------------------------------------------------------
     def _restore(self) -> None:
-        found = checkpoint.load_latest(self.run_dir.checkpoints)
+        found = checkpoint.load_latest(self.run_dir.checkpoints, report=self.main)
         if found is None:
             raise ConfigError("no usable checkpoint to resume from", key="--resume",
                               value=str(self.run_dir.path))
@@ -121,25 +150,43 @@ class Runner:
             raise ConfigError(f"checkpoint {path} belongs to another experiment (config digest "
                               f"{state.get('digest')} != {self.digest})", key="--resume",
                               value=str(self.run_dir.path))
+        saved_world = checkpoint.world_size_of(state)
+        if saved_world is not None and saved_world != self.world and not self.reshard:
+            raise ConfigError(
+                f"checkpoint {path.name} was written by {_processes(saved_world)} and this run "
+                f"has {_processes(self.world)}: an exact resume needs the same number", key="--resume",
+                value=str(self.run_dir.path),
+                hint=f"resume with {saved_world} (torchrun --nproc_per_node={saved_world}), or add "
+                     f"--reshard to continue with {self.world} (the data are then split "
+                     f"{self.world} ways; ranks without saved random states draw fresh ones)")
         self.engine.load_state_dict(state["engine"])
-        checkpoint.set_rng_state(state["rng"])
-        self.metrics_state = state.get("metrics")
-        if self.rank:  # the checkpoint holds rank 0's random state; the others take their own
+        own = checkpoint.rank_rng(state, self.rank)
+        if own is not None:
+            checkpoint.set_rng_state(own)
+        else:   # nothing saved for this rank (--reshard, or an older checkpoint): a fresh stream
             from .build import rank_seed, seed_everything
             seed_everything(rank_seed(self.cfg["seed"], self.rank, self.engine.outer_step))
+        self.metrics_state = state.get("metrics")
         self.wall_before = float(state.get("wall_time", 0.0))
         if self.main:
             self.run_dir.open_metrics(truncate_to=int(state["metrics_lines"]))
         if self.main:   # one line per run, not per process
             print(f"resuming {self.run_dir.path} from {path.name} (outer step "
                   f"{self.engine.outer_step})", file=self.stream)
+            note = _rank_note(saved_world, self.world, path.name)
+            if note:
+                print(note, file=self.stream)
 
     def save_checkpoint(self, engine: Engine, step: int) -> None:
+        """Rank 0 writes the checkpoint, with every rank's random states (gathered: every rank
+        calls this at the same steps)."""
+        from .distributed import gather_to_main
+        rngs = gather_to_main(checkpoint.rng_state(), self.rank, self.world)
         if not self.main:
             return
         self.run_dir.flush()
-        state = {"engine": engine.state_dict(), "rng": checkpoint.rng_state(),
-                 "metrics_lines": self.run_dir.lines, "digest": self.digest,
+        state = {"engine": engine.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+                 "world_size": self.world, "metrics_lines": self.run_dir.lines, "digest": self.digest,
                  "metrics": self.metrics.state_dict() if self.metrics else None,
                  "wall_time": self.wall_before + (time.perf_counter() - self.t0)}
         checkpoint.save(self.run_dir.checkpoints, step, state,
@@ -171,7 +218,7 @@ class Runner:
         if self.metrics_state:
             metrics.load_state_dict(self.metrics_state)
         self.metrics = metrics
-        stopper = _StopOnSignal(self.save_checkpoint)
+        stopper = _StopOnSignal(self.save_checkpoint, self.world)
         cbs: list[Callback] = [metrics]
         if self.main:
             cbs.append(Progress(total, metrics, self.stream))
@@ -190,7 +237,7 @@ class Runner:
         def handler(signum, frame):
             stopper.signum = signum
 
-        if self.main and threading_main():
+        if threading_main():   # every process: they agree on the stop (_StopOnSignal)
             for s in (signal.SIGTERM, signal.SIGINT):
                 previous[s] = signal.signal(s, handler)
         self.t0 = time.perf_counter()
