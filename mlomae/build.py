@@ -287,10 +287,15 @@ def check_evaluation(cfg: Config) -> None:
     check(cfg)
 
 
+# trainer keys that leave the trajectory as it is: a run may be resumed with other values
+OUTSIDE_DIGEST = ("steps", "check_hypergrad_every", "check_hypergrad_methods")
+
+
 def config_digest(cfg: Config) -> str:
-    """Identifies an experiment for --resume: the resolved config less the step budget."""
+    """Identifies an experiment for --resume: the resolved config less the step budget and the
+    other trainer keys that do not change what is trained (``OUTSIDE_DIGEST``)."""
     d = dict(cfg.data)
-    d["trainer"] = {k: v for k, v in d["trainer"].items() if k != "steps"}
+    d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in OUTSIDE_DIGEST}
     d.pop("tracking", None)
     return hashlib.sha256(repr(sorted(flatten(d).items())).encode()).hexdigest()[:16]
 

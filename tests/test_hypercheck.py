@@ -173,3 +173,13 @@ def test_schema_rejects_bad_values(override, key):
     with pytest.raises(ConfigError) as e:
         load(TOY, [override])
     assert key in str(e.value)
+
+
+def test_the_check_does_not_change_the_experiment_digest():
+    """--resume compares config digests: a run may be resumed with the check switched on (it
+    does not change the trajectory), not with another precision."""
+    from mlomae.build import config_digest
+    base = config_digest(load(TOY, []))
+    assert config_digest(load(TOY, ["trainer.check_hypergrad_every=5",
+                                    "trainer.check_hypergrad_methods=[cg]"])) == base
+    assert config_digest(load(TOY, ["trainer.precision=bf16"])) != base
