@@ -223,6 +223,7 @@ def build_problems(cfg: Config, models: dict[str, nn.Module], data: DataBundle |
             problems[name] = cls(**common, **args)
         except (ValueError, TypeError) as e:
             raise cfg.error(f"building the problem failed: {e}", key=key) from None
+        problems[name].total_steps = total
     return problems
 
 

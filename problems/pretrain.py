@@ -234,7 +234,9 @@ class Reconstruction(Problem):
     patches' weights divided by their mean probability). The module is a
     ``MaskedAutoencoder``. Offers ``masks_with`` (``problems.interfaces.MaskMaker``). Guided
     masking: ``score``, ``random_share`` (0.5), ``temperature`` (1), ``warmup_steps`` (0);
-    ``throw`` (0) in the random and guided modes.
+    ``throw`` (0) in the random and guided modes. ``warmup_steps`` and ``ramp_steps`` are
+    steps of this problem (an integer) or a share of its steps in the run (a float in [0, 1]:
+    ``0.1`` warms up for the first tenth of pretraining, whatever the budget).
     """
 
     augment = True
@@ -245,7 +247,8 @@ class Reconstruction(Problem):
                  detach_masker_input: bool = True, masker_input: str = "auto",
                  weighting: str = "probability", score: str = "pixel_spread",
                  random_share: float = 0.5, temperature: float = 1.0, throw: float = 0.0,
-                 warmup_steps: int = 0, ramp_steps: int = 0, rank_weight: float = 1.0,
+                 warmup_steps: int | float = 0, ramp_steps: int | float = 0,
+                 rank_weight: float = 1.0,
                  selection: str = "top", logit_clip: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = MaskingSpec(masking, mask_ratio, beta, box_threshold, background, tau,
@@ -253,9 +256,11 @@ class Reconstruction(Problem):
                                 weighting, score, float(random_share), float(temperature),
                                 float(throw), selection, float(logit_clip))
         for key, v in (("warmup_steps", warmup_steps), ("ramp_steps", ramp_steps)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{key} must be a non-negative integer (got {v!r})")
-        self.warmup_steps, self.ramp_steps, self.rank_weight = warmup_steps, ramp_steps, float(rank_weight)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 \
+                    or (isinstance(v, float) and v > 1):
+                raise ValueError(f"{key} must be a number of steps (an integer >= 0) or a share "
+                                 f"of this problem's steps in the run (a float in [0, 1]); got {v!r}")
+        self._warmup, self._ramp, self.rank_weight = warmup_steps, ramp_steps, float(rank_weight)
         if self.spec.score == "predicted_loss" and (masking == "guided" or throw) \
                 and getattr(self.module, "decoder_loss_pred", None) is None:
             raise ValueError("score predicted_loss needs the MAE's loss predictor: set "
@@ -268,6 +273,23 @@ class Reconstruction(Problem):
                              f"it to problems.{self.name}.reads")
 
     # -- what other levels and the pictures code call -------------------------------------
+    def _steps(self, key: str, v: int | float) -> int:
+        """An option in steps: an integer as given, a float as that share of the run."""
+        if isinstance(v, int):
+            return v
+        if self.total_steps is None:
+            raise ValueError(f"problem '{self.name}': {key} {v} is a share of the run's steps, "
+                             f"which only a runner knows: give a number of steps instead")
+        return int(round(v * self.total_steps))
+
+    @property
+    def warmup_steps(self) -> int:
+        return self._steps("warmup_steps", self._warmup)
+
+    @property
+    def ramp_steps(self) -> int:
+        return self._steps("ramp_steps", self._ramp)
+
     def masks_with(self, imgs: Tensor, masker: nn.Module) -> Masking:
         """The masks this problem would train on for ``imgs`` if ``masker`` were its masker
         (``MaskMaker``): the mask level and a discriminator pass their own view of it."""

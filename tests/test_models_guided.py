@@ -201,3 +201,29 @@ def test_masker_regularisers_by_hand():
     assert math.isclose(float(got["diversity"]), 0.2, rel_tol=1e-9)
     assert math.isclose(float(got["ratio_kl"]), (kl(0.75, 0.7) + kl(0.75, 0.3)) / 2, rel_tol=1e-9)
     assert torch.autograd.grad(sum(got.values()), p)[0].abs().sum() > 0
+
+
+def test_warmup_and_ramp_given_as_a_share_of_the_run():
+    """A float is a share of the problem's steps in the run: amt.yaml's warm-up 0.1 over 10 outer
+    steps of 2 pretraining steps each is round(0.1 * 20) = 2 steps; hpm.yaml's ramp 1.0 is all
+    20. Without a runner (no total known) a share is refused with a message; an integer is
+    taken as it is."""
+    from pathlib import Path
+
+    from mlomae.build import build
+    from mlomae.config import load
+    from problems.pretrain import Reconstruction
+    from test_problems_tiny import tiny_mae
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    amt = build(load(root / "amt.yaml", ["trainer.steps=10"])).problems["pretrain"]
+    assert (amt.total_steps, amt.warmup_steps) == (20, 2)
+    hpm = build(load(root / "hpm.yaml", ["trainer.steps=10"])).problems["pretrain"]
+    assert (hpm.total_steps, hpm.ramp_steps) == (20, 20)
+    p = Reconstruction("pretrain", tiny_mae(), masking="guided", warmup_steps=0.25)
+    with pytest.raises(ValueError, match="share of the run"):
+        p.warmup_steps
+    p.total_steps = 10
+    assert p.warmup_steps == 2                   # round(2.5) in Python: banker's rounding
+    assert Reconstruction("pretrain", tiny_mae(), masking="guided", warmup_steps=3).warmup_steps == 3
+    with pytest.raises(ValueError, match="share of this problem"):
+        Reconstruction("pretrain", tiny_mae(), masking="guided", ramp_steps=1.5)

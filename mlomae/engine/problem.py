@@ -53,6 +53,9 @@ class Problem:
         self.reads = tuple(reads)
         self.step_count = 0
         self.skipped = 0
+        # this problem's steps over the whole run, when a runner knows it (the builder sets it):
+        # what options given as a share of the run ("warm up for 10% of pretraining") resolve to
+        self.total_steps: int | None = None
         self.last_batch: Any = None
         self.last_rng: Any = None
         self._iter: Iterator | None = None
