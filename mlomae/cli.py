@@ -124,15 +124,22 @@ def cmd_check_hypergrad(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .run import Stopped
     from .sweep import sweep
-    rows = sweep(args.experiment, args.grid, args.overrides, no_tracking=args.no_tracking)
+    try:
+        rows = sweep(args.experiment, args.grid, args.overrides or [], no_tracking=args.no_tracking,
+                     sweep_dir=args.sweep_dir, resume=args.resume, retry_failed=args.retry_failed)
+    except Stopped as e:   # the sweep printed how to continue it
+        return 128 + e.signum
     return 0 if all(r.get("status") == "FINISHED" for r in rows) else 1
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .sweep import compare
     print(compare(args.experiment, uri=args.uri, metrics=args.metrics, group_by=args.group_by,
-                  fmt=args.format))
+                  fmt=args.format, plot=args.plot, curve=args.curve, sweep=args.sweep))
+    if args.plot:
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -207,11 +214,18 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--step", type=int, help="with a run directory: the checkpoint of "
                             "this outer step (default: the latest intact one)")
 
-    sp = add("sweep", cmd_sweep, "one run per grid point, under one parent MLflow run")
-    sp.add_argument("experiment")
+    sp = add("sweep", cmd_sweep, "one run per grid point, nested under one parent MLflow run; "
+                                 "resumable")
+    sp.add_argument("experiment", nargs="?", help="experiment YAML file (not with --resume)")
     sp.add_argument("overrides", nargs="*", help="key.path=value overrides applied to every point")
     sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="a swept key with its values (repeatable: the grid is the product)")
+    sp.add_argument("--sweep-dir", help="the sweep's directory (default: tracking.runs_dir/"
+                                        "sweep-NAME-TIMESTAMP); one holding the same sweep continues it")
+    sp.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep: finished points are "
+                    "skipped, an interrupted one resumes from its last checkpoint")
+    sp.add_argument("--retry-failed", action="store_true",
+                    help="on a restart, run the points that failed again")
     sp.add_argument("--no-tracking", action="store_true")
 
     sp = add("compare", cmd_compare, "table of an MLflow experiment's runs: differing params, final metrics")
@@ -222,6 +236,12 @@ def parser() -> argparse.ArgumentParser:
                                        "per group, mean ± std over its runs (e.g. the seeds)")
     sp.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown",
                     help="with --group-by: the table's format")
+    sp.add_argument("--plot", metavar="FILE.png", help="with --group-by: the first metric against "
+                    "wall time (error bars: std) and each group's training curve (mean ± std)")
+    sp.add_argument("--curve", metavar="METRIC", help="the training curve's metric (default: the "
+                    "first */loss, alphabetically)")
+    sp.add_argument("--sweep", metavar="SWEEP_DIR|RUN_ID", help="only that sweep's runs; the "
+                    "grouped table and the plot are logged to its parent run")
 
     sp = add("sync", cmd_sync, "deliver a run's metrics that MLflow has not received yet")
     sp.add_argument("run_dir")
