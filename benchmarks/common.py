@@ -154,3 +154,14 @@ def grad_capture(optimizer: torch.optim.Optimizer) -> dict:
 
     optimizer.register_step_pre_hook(hook)
     return box
+
+
+class Cycle:
+    """Endless iteration over a fixed list of batches, from the first."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __iter__(self):
+        while True:
+            yield from self.batches

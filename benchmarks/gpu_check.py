@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 import common
+from common import Cycle
 
 REPO = common.ROOT.parent
 EXPERIMENTS = REPO / "experiments"
@@ -232,17 +233,6 @@ def synthetic_batches(size: Size, device: torch.device, batch: int, classes: int
         x = (x.to(device).float().div_(255) - mean) / std
         out.append((x, y.to(device)))
     return out
-
-
-class Cycle:
-    """Endless iteration over a fixed list of batches."""
-
-    def __init__(self, batches: list):
-        self.batches = batches
-
-    def __iter__(self):
-        while True:
-            yield from self.batches
 
 
 def mae_model(size: Size, device: torch.device):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common import Cycle
 from mlomae.engine import Dependency, Engine
 from mlomae.models.attention import set_fused_attention
 from mlomae.models.heads import LinearHead
@@ -96,17 +97,6 @@ def data(s: Sizes, seed: int = 1, dtype: torch.dtype = torch.float32) -> dict[st
             batches.append((x, y))
         out[level] = batches
     return out
-
-
-class Cycle:
-    """Endless iteration over a fixed list of batches, from the first."""
-
-    def __init__(self, batches: list):
-        self.batches = batches
-
-    def __iter__(self):
-        while True:
-            yield from self.batches
 
 
 def adamw(params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.05) -> torch.optim.Optimizer:
