@@ -18,7 +18,9 @@ Masking modes (``masking:`` in a ``Reconstruction`` entry):
   (Gumbel-top-k on logit/``temperature`` for ``1 - random_share`` of them, the rest uniform;
   the probabilities still weight the loss), ``logit_clip: c`` bounds the logits softly
   (c·tanh(logit/c)) so no probability saturates, ``weighting: normalized`` keeps the masked
-  weights at mean 1, and ``warmup_steps`` starts with random masks.
+  weights at mean 1, and ``warmup_steps`` starts with random masks. ``prior_weight: w`` gives
+  the masker a self-guided prior: w times each image's ``score`` (pixel spread, the MAE's
+  attention or its predicted loss), standardised over its patches, added to the logits.
 - ``gumbel``: AutoMAE's generator: a Gumbel top-k with a straight-through estimator (``tau``),
   ``learned_fraction`` of the masked slots chosen by the generator, the rest random.
 - ``guided``: self-guided masks with no masker and no hypergradient (AMT): a per-patch
@@ -88,6 +90,8 @@ class MaskingSpec:
     throw: float = 0.0                 # random, guided: share of patches thrown out (lowest score)
     selection: str = "top"             # mlo: top (published) | sampled (random_share, temperature)
     logit_clip: float = 0.0            # mlo: logits -> c * tanh(logits / c); 0: off
+    prior_weight: float = 0.0          # mlo, gumbel: + w * (the image's standardised score) on
+                                       # the masker's logits (a self-guided prior it learns around)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -114,6 +118,10 @@ class MaskingSpec:
             raise ValueError(f"selection must be top or sampled (got {self.selection!r})")
         if not self.logit_clip >= 0:
             raise ValueError(f"logit_clip must be >= 0 (got {self.logit_clip!r})")
+        if not self.prior_weight >= 0:
+            raise ValueError(f"prior_weight must be >= 0 (got {self.prior_weight!r})")
+        if self.prior_weight and not self.learned:
+            raise ValueError(f"prior_weight applies to masking mlo or gumbel, not {self.mode!r}")
         if self.throw and self.mode not in ("random", "guided"):
             raise ValueError(f"throw applies to masking random or guided, not {self.mode!r}")
         num_masked(100 - num_thrown(100, self.throw), self.ratio)   # raises on a bad throw
@@ -158,6 +166,16 @@ class MaskingSpec:
                 mae.train(was)
         return patch_spread(imgs.detach(), mae.patch_size)
 
+    def prior(self, imgs: Tensor, mae: nn.Module) -> Tensor:
+        """The masker's self-guided prior [N, L]: each image's ``score`` standardised to mean 0
+        and standard deviation 1 over its patches (0 for an image whose patches all score the
+        same); no gradient."""
+        with torch.no_grad():
+            s = self.scores(imgs, mae).float()
+            std = s.std(dim=1, unbiased=False, keepdim=True)
+            return torch.where(std > 1e-6, (s - s.mean(dim=1, keepdim=True)) / std.clamp_min(1e-6),
+                               torch.zeros_like(s))
+
     def make(self, imgs: Tensor, mae: nn.Module, masker: nn.Module | None = None,
              boxes: Tensor | None = None) -> Masking:
         """One ``Masking`` for images [N, C, H, W]. Randomness from torch's global generator."""
@@ -178,6 +196,8 @@ class MaskingSpec:
         if masker is None:
             raise ValueError(f"masking '{self.mode}' needs a masker")
         logits = self.logits(imgs, mae, masker)                    # [N, L]
+        if self.prior_weight:
+            logits = logits + self.prior_weight * self.prior(imgs, mae).to(logits.dtype)
         if self.mode == "gumbel":
             return gumbel_topk_masking(logits, self.ratio, self.tau, self.learned_fraction)
         if self.logit_clip:
@@ -249,19 +269,20 @@ class Reconstruction(Problem):
                  random_share: float = 0.5, temperature: float = 1.0, throw: float = 0.0,
                  warmup_steps: int | float = 0, ramp_steps: int | float = 0,
                  rank_weight: float = 1.0,
-                 selection: str = "top", logit_clip: float = 0.0, **kwargs):
+                 selection: str = "top", logit_clip: float = 0.0, prior_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = MaskingSpec(masking, mask_ratio, beta, box_threshold, background, tau,
                                 learned_fraction, bool(detach_masker_input), masker_input,
                                 weighting, score, float(random_share), float(temperature),
-                                float(throw), selection, float(logit_clip))
+                                float(throw), selection, float(logit_clip), float(prior_weight))
         for key, v in (("warmup_steps", warmup_steps), ("ramp_steps", ramp_steps)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 \
                     or (isinstance(v, float) and v > 1):
                 raise ValueError(f"{key} must be a number of steps (an integer >= 0) or a share "
                                  f"of this problem's steps in the run (a float in [0, 1]); got {v!r}")
         self._warmup, self._ramp, self.rank_weight = warmup_steps, ramp_steps, float(rank_weight)
-        if self.spec.score == "predicted_loss" and (masking == "guided" or throw) \
+        if self.spec.score == "predicted_loss" and (masking == "guided" or throw or prior_weight) \
                 and getattr(self.module, "decoder_loss_pred", None) is None:
             raise ValueError("score predicted_loss needs the MAE's loss predictor: set "
                              "loss_predictor: true in its model")

@@ -227,3 +227,40 @@ def test_warmup_and_ramp_given_as_a_share_of_the_run():
     assert Reconstruction("pretrain", tiny_mae(), masking="guided", warmup_steps=3).warmup_steps == 3
     with pytest.raises(ValueError, match="share of this problem"):
         Reconstruction("pretrain", tiny_mae(), masking="guided", ramp_steps=1.5)
+
+
+def test_masker_prior_from_pixel_spread_by_hand():
+    """prior_weight w adds w · z to the masker's logits, z the image's pixel spread standardised
+    over its patches. A 12×12 image of 9 patches, flat except a ±1 checkerboard in patch 0 and a
+    ±2 one in patch 4: spread s = (1, 0, 0, 0, 2, 0, 0, 0, 0), mean 1/3, std 2/3, so z = 1 on
+    patch 0, 2.5 on patch 4, −0.5 elsewhere; with zero masker logits and w = 2 the probabilities
+    are σ(2), σ(5) and σ(−1). A flat image has no prior (z = 0)."""
+    from torch import nn
+    from problems.pretrain import MaskingSpec, Reconstruction
+    from test_problems_tiny import tiny_mae
+
+    class Zero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.value = nn.Parameter(torch.zeros(9, dtype=torch.float64))
+
+        def logits(self, x):
+            return self.value.expand(x.shape[0], -1)
+
+    mae, masker = tiny_mae(), Zero()
+    board = (torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 2 * 2.0 - 1.0   # ±1
+    x = torch.zeros(2, 1, 12, 12, dtype=torch.float64)
+    x[0, 0, 0:4, 0:4] = board
+    x[0, 0, 4:8, 4:8] = 2 * board
+    spec = MaskingSpec("mlo", selection="sampled", random_share=0.0, prior_weight=2.0)
+    m = spec.make(x, mae, masker)
+    z = torch.full((9,), -0.5, dtype=torch.float64)
+    z[0], z[4] = 1.0, 2.5
+    torch.testing.assert_close(m.weights[0], torch.sigmoid(2.0 * z))
+    torch.testing.assert_close(m.weights[1], torch.full((9,), 0.5, dtype=torch.float64))
+    assert m.weights.requires_grad                 # the path to the masker stays
+    with pytest.raises(ValueError, match="prior_weight applies to masking mlo or gumbel"):
+        MaskingSpec("random", prior_weight=1.0)
+    with pytest.raises(ValueError, match="loss predictor"):
+        Reconstruction("pretrain", mae, reads=["mask"], masking="mlo", score="predicted_loss",
+                       prior_weight=1.0)
