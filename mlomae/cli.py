@@ -135,7 +135,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .sweep import compare
+    from .compare import compare
     print(compare(args.experiment, uri=args.uri, metrics=args.metrics, group_by=args.group_by,
                   fmt=args.format, plot=args.plot, curve=args.curve, sweep=args.sweep))
     if args.plot:

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from mlomae.sweep import format_groups, group
+from mlomae.compare import format_groups, group
 
 
 def records():

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlomae.sweep import compare, plot_groups, sweep
+from mlomae.compare import compare, plot_groups
+from mlomae.sweep import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = str(ROOT / "experiments" / "toy_bilevel.yaml")
