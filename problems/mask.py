@@ -10,6 +10,13 @@
 The last three are regularisers on the masker's probabilities (masking mlo): against
 saturation, against one mask for every image, against drifting from the target ratio.
 
+Besides each term, the level logs what shows a collapse as it happens: ``mask_agreement`` and
+``masked_prob`` (``mask_stats``), and ``common_mode``, the share of the last update's change of
+the masker's logits (on a fixed probe of the first batch's images) that moves every patch of an
+image together (``common_mode_share``): 1 when a step only raises or lowers all probabilities
+at once (the per-patch masker's way of switching pretraining off), about 1/L for a change with
+no preferred direction, 0 for a centred masker; ``logit_step`` is that change's RMS.
+
 Only the last two depend on the masker directly; the downstream term reaches it only through the
 hypergradient the engine pushes down through the head and the MAE. The masks are made by the
 pretraining problem (``masks_with``) with *this* problem's module as the masker, so the mask
@@ -33,6 +40,7 @@ from mlomae.models.masking import Masking
 from .interfaces import Classifier, MaskMaker
 from .pretrain import split_batch
 
+PROBE = 16          # images of the first batch on which the masker's logit changes are watched
 TERMS = ("downstream", "adversarial", "reconstruction", "entropy", "diversity", "ratio_kl")
 REGULARISERS = ("entropy", "diversity", "ratio_kl")
 
@@ -62,6 +70,8 @@ class MaskLearning(Problem):
         if not any(weights.values()):
             raise ValueError("every loss weight is 0: the masker would learn nothing")
         self.weights = weights
+        self._probe: Tensor | None = None          # fixed images, and the masker's logits on them
+        self._probe_logits: Tensor | None = None   # after the last update
         self.pretrain, self.finetune, self.discriminator = pretrain, finetune, discriminator
         needs = {pretrain: "masks and encoder"}
         if weights["downstream"]:
@@ -112,7 +122,48 @@ class MaskLearning(Problem):
             with torch.no_grad():
                 masking = self.generate(imgs)
         logs.update(mask_stats(masking))
+        logs.update(self._watch_logits(imgs))
         return total, logs
+
+    def _watch_logits(self, imgs: Tensor) -> dict[str, Tensor]:
+        """``common_mode`` and ``logit_step`` of the change in the masker's logits on the probe
+        since the previous call (nothing on the first call, or when nothing changed: a second
+        evaluation within one step)."""
+        with torch.no_grad():
+            if self._probe is None:
+                self._probe = imgs[:PROBE].detach().clone()
+            logits_with = getattr(self.peer(self.pretrain), "logits_with", None)
+            if logits_with is None:   # a pretraining level of one's own need not offer it
+                return {}
+            z = logits_with(self._probe, self.module).float()
+            prev, self._probe_logits = self._probe_logits, z
+            if prev is None or prev.shape != z.shape:
+                return {}
+            delta = z - prev
+            sq = delta.pow(2).mean()
+            if not sq > 0:
+                return {}
+            return {"common_mode": common_mode_share(delta), "logit_step": sq.sqrt()}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._probe is not None:   # a resumed run logs the same changes
+            state["probe"] = {"images": self._probe, "logits": self._probe_logits}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        probe = state.get("probe")
+        self._probe = None if probe is None else probe["images"]
+        self._probe_logits = None if probe is None else probe["logits"]
+
+
+def common_mode_share(delta: Tensor) -> Tensor:
+    """The share of ``delta`` [N, L]'s squared norm along each row's constant direction:
+    sum_n L * mean_j(delta_nj)^2 / sum_nj delta_nj^2 (1: every patch of an image moved alike;
+    0: each image's changes sum to zero)."""
+    L = delta.shape[1]
+    return L * delta.mean(dim=1).pow(2).sum() / delta.pow(2).sum()
 
 
 def regularisers(masking: Masking, ratio: float, which=REGULARISERS) -> dict[str, Tensor]:

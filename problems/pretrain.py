@@ -319,6 +319,11 @@ class Reconstruction(Problem):
                              f"masker decides: use masking mlo or gumbel")
         return self.spec.make(imgs, self.module, masker)
 
+    def logits_with(self, imgs: Tensor, masker: nn.Module) -> Tensor:
+        """``masker``'s own logits [N, L] for ``imgs`` as this level feeds it (before any prior
+        or clipping): what the mask level watches for a collapse."""
+        return self.spec.logits(imgs, self.module, masker)
+
     @property
     def mask_ratio(self) -> float:
         return self.spec.ratio

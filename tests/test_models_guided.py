@@ -264,3 +264,51 @@ def test_masker_prior_from_pixel_spread_by_hand():
     with pytest.raises(ValueError, match="loss predictor"):
         Reconstruction("pretrain", mae, reads=["mask"], masking="mlo", score="predicted_loss",
                        prior_weight=1.0)
+
+
+def test_common_mode_share_and_logit_step_by_hand():
+    """Rows of the logits' change [3, 1, 1, 1, 1, 1, 1, 1, 1] (L = 9): mean 11/9, squared norm
+    17, share 9 (11/9)^2 / 17 = 121/153, RMS sqrt(17/9); a change summing to zero gives 0, a
+    constant one 1. The mask level logs nothing on its first call and nothing when the logits
+    did not move, and a state round trip logs the same next change."""
+    from torch import nn
+    from problems.mask import MaskLearning, common_mode_share
+    from problems.pretrain import Reconstruction
+    from test_problems_tiny import tiny_mae
+
+    assert float(common_mode_share(torch.tensor([[1., -1., 2., -2.]]))) == 0.0
+    assert math.isclose(float(common_mode_share(torch.full((2, 4), -0.3))), 1.0, rel_tol=1e-6)
+
+    class Fixed(nn.Module):
+        def __init__(self, L):
+            super().__init__()
+            self.value = nn.Parameter(torch.zeros(L, dtype=torch.float64))
+
+        def logits(self, x):
+            return self.value.expand(x.shape[0], -1)
+
+    def level(masker):
+        pre = Reconstruction("pretrain", tiny_mae(), reads=["mask"], masking="mlo")
+        mk = MaskLearning("mask", masker, reads=["pretrain", "finetune"])
+        mk._peers = {"pretrain": pre}
+        return mk
+
+    masker = Fixed(9)
+    mk = level(masker)
+    x = torch.randn(20, 1, 12, 12, dtype=torch.float64)
+    assert mk._watch_logits(x) == {}                       # first call: the probe is taken
+    assert mk._probe.shape[0] == 16
+    assert mk._watch_logits(x[4:]) == {}                   # nothing moved
+    with torch.no_grad():
+        masker.value += torch.tensor([3., 1, 1, 1, 1, 1, 1, 1, 1], dtype=torch.float64)
+    got = mk._watch_logits(torch.randn(8, 1, 12, 12, dtype=torch.float64))   # the probe, not these
+    assert math.isclose(float(got["common_mode"]), 121 / 153, rel_tol=1e-6)
+    assert math.isclose(float(got["logit_step"]), math.sqrt(17 / 9), rel_tol=1e-6)
+    # a resumed level continues from the saved probe and logits
+    with torch.no_grad():
+        masker.value += torch.tensor([1., -1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    other = level(masker)
+    other.load_state_dict(mk.state_dict())
+    assert torch.equal(other._probe, mk._probe)
+    assert float(other._watch_logits(x)["common_mode"]) == 0.0
+    assert float(mk._watch_logits(x)["common_mode"]) == 0.0
