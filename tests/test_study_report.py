@@ -31,3 +31,53 @@ def test_paired_differences_match_seeds_and_skip_unpaired_ones():
     # differences +1.0 and 0.0: mean +0.50, sample std 0.71; time ratios 2 and 3: 2.50 ± 0.71
     assert line == "| mlomae | 2 | +0.50 ± 0.71 | 2.50 ± 0.71 |"
     assert "raw pixels" not in table
+
+
+def test_study_runs_each_run_in_a_child_and_resumes_after_a_kill(tmp_path):
+    """Each run trains in a process of its own: a run SIGKILLed after outer step 6 (fault
+    injection in the child) stops the study with exit 137 and the later run not started; the
+    same command then resumes the killed run from its checkpoint at step 5 and ends with the
+    metrics of a study never interrupted (20 outer steps of 5 lower steps, every logged number
+    equal), then runs the second. An unknown method exits 2 naming it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    study = {"runs": str(tmp_path / "runs"), "plots": str(tmp_path / "plots"),
+             "experiment": "study-test", "baseline": "a", "seeds": [0],
+             "pretrain_steps": 100, "pretrain_problem": "regression", "log_every": 5,
+             "checkpoint_every": 5, "model": {}, "overrides": ["tracking.enabled=false"],
+             "methods": {"a": {"experiment": "experiments/toy_bilevel.yaml"},
+                         "b": {"experiment": "experiments/toy_bilevel.yaml",
+                               "overrides": ["hypergrad.method=darts"]}},
+             "evaluation": [], "report_metrics": {}}
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study))
+    script = str(ROOT / "benchmarks/study/run_study.py")
+
+    def go(*extra, fault=None):
+        env = {k: v for k, v in os.environ.items() if k != "MLOMAE_FAULT"}
+        if fault:
+            env["MLOMAE_FAULT"] = fault
+        return subprocess.run([sys.executable, script, "--study", str(path), *extra],
+                              capture_output=True, text=True, env=env, cwd=ROOT)
+
+    def records(run):
+        lines = (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "time" and not k.endswith("seconds")}
+                for x in lines]
+
+    r = go("--methods", "a,nope")
+    assert r.returncode == 2 and "no method 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = go("--methods", "a,b", fault="kill-after-step:6")
+    assert r.returncode == 137, r.stdout + r.stderr
+    assert not (tmp_path / "runs" / "b-s0").exists()
+    r = go("--methods", "a,b")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "(resuming)" in r.stdout
+    resumed = records("a-s0")
+    assert [x["step"] for x in resumed if "step" in x][-1] == 20
+    os.rename(tmp_path / "runs", tmp_path / "runs-killed")
+    assert go("--methods", "a").returncode == 0
+    assert records("a-s0") == resumed
+    assert json.loads((tmp_path / "runs-killed" / "b-s0" / "summary.json").read_text())["status"] == "FINISHED"

@@ -7,8 +7,10 @@ then the same evaluations for all, aggregated into benchmarks/RESULTS.md.
     python benchmarks/study/run_study.py --study benchmarks/study/regime.yaml   # another study file
 
 Runs live in benchmarks/study/runs/METHOD-sSEED (git-ignored; another study file names its own
-folder with ``runs:``); a killed study is simply started
-again: finished runs are skipped, interrupted ones resume from their last checkpoint. Every run
+folder with ``runs:``); each run trains in a process of its own (memory does not grow from run
+to run), and a SIGTERM or Ctrl-C reaches it: it checkpoints and the study stops. A killed study
+is simply started again: finished runs are skipped, interrupted ones resume from their last
+checkpoint. Every run
 is tracked in the MLflow experiment `study`. The test split is read only by the final
 evaluations; nothing is selected on it.
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -199,9 +203,9 @@ def plots() -> list[Path]:
     out_dir.mkdir(exist_ok=True)
     rows = collect()
     methods = [m for m in STUDY["methods"] if rows.get(m)]
-    if not methods:
-        return []
     metrics = STUDY["report_metrics"]
+    if not methods or not any(k in r.get("eval", {}) for m in methods for r in rows[m] for k in metrics):
+        return []
     fig, ax = plt.subplots(figsize=(max(10.0, 1.4 * len(methods)), 4.6))
     width = 0.8 / len(metrics)
     for j, (key, label) in enumerate(metrics.items()):
@@ -242,23 +246,59 @@ def plots() -> list[Path]:
     return paths
 
 
+def run_child(study: Path, method: str, seed: int) -> int:
+    """``run_one(method, seed)`` in a fresh process; SIGTERM / SIGINT sent to this one are passed
+    on (the run checkpoints and exits), and its exit status is returned."""
+    child = subprocess.Popen([sys.executable, __file__, "--study", str(study), "--one",
+                              f"{method}:{seed}"])
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", type=Path, default=HERE / "study.yaml", help="the study file")
     ap.add_argument("--methods", default=None, help="default: every method of the study")
     ap.add_argument("--seeds", default=None, help="default: the study's seeds")
     ap.add_argument("--report", action="store_true", help="only print the table from finished runs")
+    ap.add_argument("--one", default=None, metavar="METHOD:SEED", help=argparse.SUPPRESS)
     args = ap.parse_args()
     use_study(args.study)
+    if args.one:   # one run, in this process (what each run's child process does)
+        from mlomae.run import Stopped
+        method, seed = args.one.rsplit(":", 1)
+        try:
+            run_one(method, int(seed))
+        except Stopped as e:
+            print(f"   {method} seed {seed}: {e}; checkpoint saved", flush=True)
+            return 128 + e.signum
+        return 0
     args.methods = args.methods or ",".join(STUDY["methods"])
     args.seeds = args.seeds or ",".join(str(s) for s in STUDY["seeds"])
+    unknown = [m for m in args.methods.split(",") if m not in STUDY["methods"]]
+    if unknown:
+        print(f"error: {args.study}: no method {', '.join(map(repr, unknown))} (methods: "
+              f"{', '.join(STUDY['methods'])})", file=sys.stderr)
+        return 2
     if not args.report:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for method in args.methods.split(","):
                 if seed not in STUDY["methods"][method].get("seeds", STUDY["seeds"]):
                     continue  # a diagnostic variant run on fewer seeds
                 t0 = time.time()
-                run_one(method, seed)
+                rc = run_child(args.study, method, seed)
+                if rc != 0:
+                    print(f"   {method} seed {seed} stopped (exit {rc}); the same command "
+                          f"resumes it", flush=True)
+                    return rc if rc > 0 else 128 - rc
                 print(f"   done in {(time.time() - t0) / 60:.1f} min", flush=True)
     print(report())
     for p in plots():
