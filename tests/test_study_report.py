@@ -81,3 +81,21 @@ def test_study_runs_each_run_in_a_child_and_resumes_after_a_kill(tmp_path):
     assert go("--methods", "a").returncode == 0
     assert records("a-s0") == resumed
     assert json.loads((tmp_path / "runs-killed" / "b-s0" / "summary.json").read_text())["status"] == "FINISHED"
+
+
+def test_write_results_replaces_only_the_marked_block(tmp_path):
+    """The table lands between the study's two markers; text around them is kept byte for byte;
+    a file without them is left untouched and named in the error."""
+    import pytest
+    rs = load_run_study()
+    rs.STUDY["experiment"] = "masking"
+    md = tmp_path / "R.md"
+    md.write_text("# R\n\nbefore\n<!-- study: masking -->\nold table\n<!-- /study: masking -->\nafter\n")
+    rs.write_results(md, "| new |")
+    assert md.read_text() == ("# R\n\nbefore\n<!-- study: masking -->\n| new |\n"
+                              "<!-- /study: masking -->\nafter\n")
+    bare = tmp_path / "bare.md"
+    bare.write_text("nothing here\n")
+    with pytest.raises(SystemExit, match="bare.md"):
+        rs.write_results(bare, "| new |")
+    assert bare.read_text() == "nothing here\n"

@@ -87,6 +87,24 @@ def evaluate_missing(rd: Path, summary: dict) -> dict:
     return json.loads((rd / "summary.json").read_text())
 
 
+def export_before(method: str) -> None:
+    """A method with ``export_before: RUN`` (e.g. AutoMAE's frozen generator, ``random-s0``)
+    reads that finished run's encoder from RUNS/RUN.safetensors: written here (``mlomae
+    export``) the first time; a clear stop if RUN has not finished."""
+    run = STUDY["methods"][method].get("export_before")
+    if not run:
+        return
+    out = RUNS / f"{run}.safetensors"
+    if out.exists():
+        return
+    summary = RUNS / run / "summary.json"
+    if not summary.exists() or json.loads(summary.read_text()).get("status") != "FINISHED":
+        raise SystemExit(f"error: method {method} reads the encoder of run {run}, which has not "
+                         f"finished: run its method first (--methods {run.rsplit('-s', 1)[0]})")
+    subprocess.run([sys.executable, "-m", "mlomae", "export", str(RUNS / run), "--out", str(out)],
+                   check=True, cwd=ROOT)
+
+
 def run_one(method: str, seed: int) -> dict:
     from mlomae.config import load
     from mlomae.run import Runner
@@ -94,6 +112,7 @@ def run_one(method: str, seed: int) -> dict:
     summary = rd / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "FINISHED":
         return evaluate_missing(rd, json.loads(summary.read_text()))
+    export_before(method)
     exp = ROOT / STUDY["methods"][method]["experiment"]
     ov = overrides(method, seed)
     cfg = load(exp, ov)
@@ -250,7 +269,7 @@ def run_child(study: Path, method: str, seed: int) -> int:
     """``run_one(method, seed)`` in a fresh process; SIGTERM / SIGINT sent to this one are passed
     on (the run checkpoints and exits), and its exit status is returned."""
     child = subprocess.Popen([sys.executable, __file__, "--study", str(study), "--one",
-                              f"{method}:{seed}"])
+                              f"{method}:{seed}"], cwd=ROOT)
 
     def forward(signum, frame):
         child.send_signal(signum)
@@ -263,12 +282,30 @@ def run_child(study: Path, method: str, seed: int) -> int:
             signal.signal(s, h)
 
 
+def write_results(path: Path, table: str) -> None:
+    """Put ``table`` between the study's markers in ``path`` (``<!-- study: NAME -->`` and
+    ``<!-- /study: NAME -->``, NAME the study's ``experiment``), written whole or not at all."""
+    name = STUDY.get("experiment", "study")
+    begin, end = f"<!-- study: {name} -->", f"<!-- /study: {name} -->"
+    text = path.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"error: {path}: needs one '{begin}' line and one '{end}' line after it "
+                         f"to hold the study's table")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+    tmp.replace(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", type=Path, default=HERE / "study.yaml", help="the study file")
     ap.add_argument("--methods", default=None, help="default: every method of the study")
     ap.add_argument("--seeds", default=None, help="default: the study's seeds")
     ap.add_argument("--report", action="store_true", help="only print the table from finished runs")
+    ap.add_argument("--write-results", type=Path, default=None, metavar="MD",
+                    help="also put the table between the study's markers in this file")
     ap.add_argument("--one", default=None, metavar="METHOD:SEED", help=argparse.SUPPRESS)
     args = ap.parse_args()
     use_study(args.study)
@@ -300,7 +337,10 @@ def main() -> int:
                           f"resumes it", flush=True)
                     return rc if rc > 0 else 128 - rc
                 print(f"   done in {(time.time() - t0) / 60:.1f} min", flush=True)
-    print(report())
+    table = report()
+    print(table)
+    if args.write_results:
+        write_results(args.write_results, table)
     for p in plots():
         print(f"plot: {p.relative_to(ROOT)}")
     return 0
