@@ -59,7 +59,8 @@ def overrides(method: str, seed: int) -> list[str]:
            "evaluation=" + json.dumps(STUDY["evaluation"])]
     out += [f"models.mae.{k}={v}" for k, v in STUDY["model"].items()]
     out += list(STUDY.get("overrides", []))
-    out += list(spec.get("overrides", []))
+    for o in spec.get("overrides", []):   # a YAML alias (*repaired) nests a list: flattened
+        out += list(o) if isinstance(o, list) else [o]
     return out
 
 
