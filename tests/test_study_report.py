@@ -99,3 +99,26 @@ def test_write_results_replaces_only_the_marked_block(tmp_path):
     with pytest.raises(SystemExit, match="bare.md"):
         rs.write_results(bare, "| new |")
     assert bare.read_text() == "nothing here\n"
+
+
+def test_every_study_method_loads_with_the_stated_schedule():
+    """Each method of the masking study and of its variants file loads and builds its graph;
+    the pretraining steps per outer step are the ones the files state (4 for the methods without
+    a masker and the repaired masker, 8 for the unrolled horizon, MLO-MAE's published 2, AutoMAE's
+    1), so 18,750 pretraining steps are the same 40 epochs for all. The alias-nested override
+    lists are flattened."""
+    from mlomae.config import load
+    rs = load_run_study()
+    want = {"masking": {"random": 4, "object_prior": 4, "amt": 4, "hpm": 4, "pixel_guided": 4,
+                        "automae": 1, "automae_frozen": 1, "mlomae": 2, "mlomae_repaired": 4,
+                        "mlomae_repaired_adversarial": 4},
+            "variants": {"darts_k4": 4, "unroll_k8": 8, "unroll_k8_prior": 8, "sama_k4": 4,
+                         "darts_k4_regularised": 4}}
+    for study, methods in want.items():
+        rs.use_study(ROOT / f"benchmarks/study/{study}.yaml")
+        assert list(rs.STUDY["methods"]) == list(methods)
+        for m, per in methods.items():
+            ov = rs.overrides(m, 0)
+            assert all(isinstance(o, str) for o in ov)
+            cfg = load(ROOT / rs.STUDY["methods"][m]["experiment"], ov)
+            assert rs.pretrain_per_outer(cfg) == per, (study, m)
