@@ -248,3 +248,21 @@ def test_user_errors_exit_2_with_a_message(run, tmp_path, capsys):
     assert "no intact checkpoint" in capsys.readouterr().err
     with pytest.raises(MlomaeError):
         load_run(bare)
+
+
+def test_result_name_of_an_evaluation_the_run_list_does_not_hold():
+    """A study that adds an evaluation after a run finished calls it with key evaluation[5] and
+    its own name, while the run's list holds another spec (raw pixels) at index 5: the result
+    keeps its own name (finetune_top1_10pct), so it cannot overwrite the pixels' number. The
+    run's own specs keep their unique names (a second identical spec is suffixed _1)."""
+    from mlomae.eval import _name
+    listed = [{"protocol": "linear"}, {"protocol": "linear"},
+              {"protocol": "finetune", "labels": "100%"}, {"protocol": "knn"}, {"protocol": "knn"},
+              {"protocol": "linear", "model": "pixels"}]
+    cfg = type("Cfg", (dict,), {"file": "run/config.yaml"})(evaluation=listed)
+    built = type("Built", (), {"cfg": cfg, "models": {}})()
+    added = {"protocol": "finetune", "labels": "10%", "epochs": 5, "name": "finetune_top1_10pct"}
+    assert _name(built, added, "evaluation[5]") == "finetune_top1_10pct"
+    assert _name(built, {"protocol": "linear", "model": "pixels"}, "evaluation[5]") == "linear_pixels_top1"
+    assert _name(built, {"protocol": "linear"}, "evaluation[1]") == "linear_top1_1"
+    assert _name(built, {"protocol": "knn", "name": "knn_top1_4"}, "evaluation[4]") == "knn_top1_4"

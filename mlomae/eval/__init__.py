@@ -101,13 +101,33 @@ def role_features(built, name: str, model, role: str, pool: str, batch_size: int
 
 
 def _name(built, spec: Mapping[str, Any], key: str) -> str:
+    """The result's name: its unique name in the run's evaluation list when ``key`` points at
+    this very spec there, else its own name (an evaluation added after the run, e.g. by a
+    study, may come with a key whose index holds another spec in the run's list)."""
     from .features import default_model
     dm = default_model(built)
     m = re.fullmatch(r"evaluation\[(\d+)\]", key)
     specs = built.cfg.get("evaluation") or []
     if m and int(m.group(1)) < len(specs):
-        return unique_name(list(specs), int(m.group(1)), dm, file=built.cfg.file)
+        listed = specs[int(m.group(1))]
+        if isinstance(listed, Mapping) and _same_spec(listed, spec):
+            return unique_name(list(specs), int(m.group(1)), dm, file=built.cfg.file)
     return result_name(spec, dm)
+
+
+def _same_spec(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two evaluation specs ask for the same thing (their keys as written, defaults
+    filled in by ``check_spec`` on both sides; a name given on one side only is ignored)."""
+    def norm(s):
+        try:
+            return {k: v for k, v in check_spec(dict(s)).items() if k != "name" or s.get("name")}
+        except ConfigError:
+            return dict(s)
+    na, nb = norm(a), norm(b)
+    if not (a.get("name") and b.get("name")):
+        na.pop("name", None)
+        nb.pop("name", None)
+    return na == nb
 
 
 def _say(key: str, name: str, value: float, t0: float) -> None:
