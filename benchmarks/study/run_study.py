@@ -178,13 +178,18 @@ def report() -> str:
     head = ("| method | seeds | " + " | ".join(metrics.values())
             + " | pretraining time (min) | mask agreement |")
     lines = [head, "|" + "---|" * (len(metrics) + 4)]
+    pending = [m for m in STUDY["methods"] if not rows.get(m)]
     for method in STUDY["methods"]:
         runs = rows.get(method, [])
+        if not runs:
+            continue
         cells = [mean_std([r["eval"][m] for r in runs if m in r.get("eval", {})]) for m in metrics]
         wall = mean_std([r["train_minutes"] for r in runs])
         agree = mean_std([r["final_metrics"]["mask/mask_agreement"] for r in runs
                           if "mask/mask_agreement" in r.get("final_metrics", {})])
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {wall} | {agree} |")
+    if pending:
+        lines += ["", "Not finished on any seed yet: " + ", ".join(pending) + "."]
     return "\n".join(lines) + "\n\n" + paired(rows, metrics)
 
 
