@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mlomae.engine import Problem
 from mlomae.models.discriminator import lsgan_g_loss
-from mlomae.models.masking import Masking
+from mlomae.models.masking import Masking, mask_agreement
 
 from .interfaces import Classifier, MaskMaker
 from .pretrain import split_batch
@@ -194,9 +194,7 @@ def mask_stats(masking: Masking) -> dict[str, Tensor]:
     independent of the image, 1 when every image gets the same mask (a collapse onto fixed
     patches)."""
     mask = masking.mask.detach()
-    freq = mask.mean(dim=0)                                        # [L] share masked per patch
-    k = mask[0].sum() / mask.shape[1]                              # masked share per image
-    stats = {"mask_agreement": ((freq - k).abs().mean() / (2 * k * (1 - k))).clamp(max=1.0)}
+    stats = {"mask_agreement": mask_agreement(mask).to(mask.dtype)}
     probs = masking.probs if masking.probs is not None else masking.weights
     if probs is not None:
         w = probs.detach()

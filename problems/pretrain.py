@@ -59,9 +59,9 @@ from torch import Tensor, nn
 
 from mlomae.engine import Problem
 from mlomae.models.masking import (Masking, foreground_boxes, guided_masking, gumbel_topk_masking,
-                                   num_learned, num_masked, num_thrown, object_prior_masking,
-                                   masking_from_hard, patch_spread, prob_topk_masking,
-                                   random_masking, random_rect_masks)
+                                   mask_agreement, num_learned, num_masked, num_thrown,
+                                   object_prior_masking, masking_from_hard, patch_spread,
+                                   prob_topk_masking, random_masking, random_rect_masks)
 
 MODES = ("random", "block", "object_prior", "mlo", "gumbel", "guided")
 SCORES = ("pixel_spread", "attention", "predicted_loss")
@@ -353,6 +353,9 @@ class Reconstruction(Problem):
         out = self.reconstruct(imgs, boxes=boxes)
         m = out.masking
         logs = {"masked_patch_loss": ((out.per_patch * m.mask).sum() / m.mask.sum()).detach()}
+        if self.spec.mode != "random" or self.spec.throw:
+            # how image-dependent the masks are (about 0 for uniform random ones)
+            logs["mask_agreement"] = mask_agreement(m.mask)
         probs = m.probs if m.probs is not None else m.weights
         if probs is not None:
             # what pretraining does to the masker: the mean probability of the masked patches

@@ -312,3 +312,23 @@ def test_common_mode_share_and_logit_step_by_hand():
     assert torch.equal(other._probe, mk._probe)
     assert float(other._watch_logits(x)["common_mode"]) == 0.0
     assert float(mk._watch_logits(x)["common_mode"]) == 0.0
+
+
+def test_mask_agreement_by_hand():
+    """L = 4, half masked: two identical masks agree fully (1); complementary ones not at all
+    (0); [1,1,0,0] and [1,0,1,0] give per-patch shares [1, .5, .5, 0], mean |share - .5| = .25,
+    over 2 * .5 * .5: 0.5. The guided pretraining level logs the same number for its masks."""
+    from mlomae.models.masking import mask_agreement
+    same = torch.tensor([[1., 1, 0, 0], [1, 1, 0, 0]])
+    assert float(mask_agreement(same)) == 1.0
+    assert float(mask_agreement(torch.tensor([[1., 1, 0, 0], [0, 0, 1, 1]]))) == 0.0
+    assert float(mask_agreement(torch.tensor([[1., 1, 0, 0], [1, 0, 1, 0]]))) == 0.5
+    from problems.pretrain import Reconstruction
+    from test_problems_tiny import tiny_mae
+    p = Reconstruction("pretrain", tiny_mae(), masking="guided", score="pixel_spread")
+    x = torch.randn(6, 1, 12, 12, dtype=torch.float64)
+    torch.manual_seed(3)
+    _, logs = p.loss(x)
+    torch.manual_seed(3)
+    assert float(logs["mask_agreement"]) == float(mask_agreement(p.masking_for(x).mask))
+    assert "mask_agreement" not in Reconstruction("pretrain", tiny_mae()).loss(x)[1]

@@ -170,6 +170,13 @@ def mean_std(xs: list[float], signed: bool = False) -> str:
     return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):.2f}"
 
 
+def agreement(run: dict) -> float | None:
+    """A run's final mask agreement: the mask level's (a learned masker), else the pretraining
+    level's (self-guided and object masks); None for uniform random masks."""
+    fm = run.get("final_metrics", {})
+    return fm.get("mask/mask_agreement", fm.get("pretrain/mask_agreement"))
+
+
 def report() -> str:
     """The markdown table: mean ± std over finished seeds per method, the pretraining wall time,
     and where a masker learns, its final mask agreement (1 = one mask for every image)."""
@@ -185,8 +192,7 @@ def report() -> str:
             continue
         cells = [mean_std([r["eval"][m] for r in runs if m in r.get("eval", {})]) for m in metrics]
         wall = mean_std([r["train_minutes"] for r in runs])
-        agree = mean_std([r["final_metrics"]["mask/mask_agreement"] for r in runs
-                          if "mask/mask_agreement" in r.get("final_metrics", {})])
+        agree = mean_std([agreement(r) for r in runs if agreement(r) is not None])
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {wall} | {agree} |")
     if pending:
         lines += ["", "Not finished on any seed yet: " + ", ".join(pending) + "."]

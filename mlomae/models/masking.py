@@ -368,3 +368,14 @@ def guided_masking(scores: Tensor, ratio: float, *, random_share: float = 0.5,
     rest = _topk_indicator(u.masked_fill((guided + thrown).bool(), -1.0), k - k_guided)
     return masking_from_sets((guided + rest).to(torch.get_default_dtype()),
                              thrown.to(torch.get_default_dtype()))
+
+
+def mask_agreement(mask: Tensor) -> Tensor:
+    """How alike a batch's masks [N, L] are: mean_j |freq_j - k| / (2k(1 - k)) with freq_j the
+    share of the batch masking patch j and k the masked share of an image, clamped at 1; about
+    0 when masks are independent of the image, 1 when every image gets the same mask. (Thrown
+    patches count as unmasked: background thrown alike in every image raises it.)"""
+    mask = mask.detach().float()
+    freq = mask.mean(dim=0)
+    k = mask[0].sum() / mask.shape[1]
+    return ((freq - k).abs().mean() / (2 * k * (1 - k))).clamp(max=1.0)
