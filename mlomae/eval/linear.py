@@ -67,7 +67,7 @@ def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, weight_decay: float = 
         before, done = None, 0
         while done < max_iter:
             opt.param_groups[0]["max_iter"] = min(chunk, max_iter - done)
-            loss = float(opt.step(closure))
+            loss = float(opt.step(closure).detach())
             n = opt.state[w]["n_iter"]
             if tol <= 0 or n == done or (before is not None
                                          and (before - loss) / max(abs(loss), 1e-12) < tol):
