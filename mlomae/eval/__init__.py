@@ -116,18 +116,15 @@ def _name(built, spec: Mapping[str, Any], key: str) -> str:
 
 
 def _same_spec(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two evaluation specs ask for the same thing (their keys as written, defaults
-    filled in by ``check_spec`` on both sides; a name given on one side only is ignored)."""
-    def norm(s):
+    """Whether two evaluation specs ask for the same thing: equal once ``check_spec`` has filled
+    in the defaults, names aside, and not named differently."""
+    def checked(s):
         try:
-            return {k: v for k, v in check_spec(dict(s)).items() if k != "name" or s.get("name")}
+            return {k: v for k, v in check_spec(dict(s)).items() if k != "name"}
         except ConfigError:
-            return dict(s)
-    na, nb = norm(a), norm(b)
-    if not (a.get("name") and b.get("name")):
-        na.pop("name", None)
-        nb.pop("name", None)
-    return na == nb
+            return {k: v for k, v in s.items() if k != "name"}
+    named = a.get("name") and b.get("name")
+    return checked(a) == checked(b) and (not named or a["name"] == b["name"])
 
 
 def _say(key: str, name: str, value: float, t0: float) -> None:
