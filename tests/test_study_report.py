@@ -44,6 +44,7 @@ def test_study_runs_each_run_in_a_child_and_resumes_after_a_kill(tmp_path):
     import subprocess
     import sys
     study = {"runs": str(tmp_path / "runs"), "plots": str(tmp_path / "plots"),
+             "results": str(tmp_path / "results"),
              "experiment": "study-test", "baseline": "a", "seeds": [0],
              "pretrain_steps": 100, "pretrain_problem": "regression", "log_every": 5,
              "checkpoint_every": 5, "model": {}, "overrides": ["tracking.enabled=false"],
@@ -77,10 +78,23 @@ def test_study_runs_each_run_in_a_child_and_resumes_after_a_kill(tmp_path):
     assert "(resuming)" in r.stdout
     resumed = records("a-s0")
     assert [x["step"] for x in resumed if "step" in x][-1] == 20
+    # each finished run left its record: what its summary says, and the study's own count
+    summary = json.loads((tmp_path / "runs" / "b-s0" / "summary.json").read_text())
+    kept = json.loads((tmp_path / "results" / "b-s0.json").read_text())
+    assert summary["status"] == "FINISHED" and kept["status"] == "FINISHED"
+    assert (kept["method"], kept["seed"], kept["outer_steps"]) == ("b", 0, 20)
+    assert kept["problem_steps"] == summary["problem_steps"] and kept["problem_steps"]["regression"] == 100
+    assert kept["final_metrics"] == {k: v for k, v in summary["final_metrics"].items()
+                                     if isinstance(v, (int, float))}
+    assert kept["train_minutes"] == round(summary["train_seconds"] / 60, 2)
+    # a new clone holds the records and no run folders: nothing is trained again
     os.rename(tmp_path / "runs", tmp_path / "runs-killed")
+    r = go("--methods", "a,b")
+    assert r.returncode == 0 and "finished (" in r.stdout and not (tmp_path / "runs").exists()
+    # with its record deleted, a run trains again, from scratch, to the same numbers
+    os.remove(tmp_path / "results" / "a-s0.json")
     assert go("--methods", "a").returncode == 0
     assert records("a-s0") == resumed
-    assert json.loads((tmp_path / "runs-killed" / "b-s0" / "summary.json").read_text())["status"] == "FINISHED"
 
 
 def test_write_results_replaces_only_the_marked_block(tmp_path):
@@ -122,3 +136,24 @@ def test_every_study_method_loads_with_the_stated_schedule():
             assert all(isinstance(o, str) for o in ov)
             cfg = load(ROOT / rs.STUDY["methods"][m]["experiment"], ov)
             assert rs.pretrain_per_outer(cfg) == per, (study, m)
+
+
+def test_report_reads_the_kept_records_and_names_each_machine(tmp_path):
+    """The tables come from the records in the results folder, sorted by seed; with runs from
+    two machines, the report says which machine trained which run."""
+    import json
+    rs = load_run_study()
+    rs.STUDY.update({"methods": {"mae_random": {}, "mlomae": {}}, "baseline": "mae_random",
+                     "report_metrics": {"linear_top1": "linear"}})
+    rs.RESULTS = tmp_path
+    for name, seed, lin, machine in [("mae_random", 1, 84.0, "A"), ("mae_random", 0, 85.0, "A"),
+                                     ("mlomae", 0, 86.5, "B")]:
+        (tmp_path / f"{name}-s{seed}.json").write_text(json.dumps(
+            {"method": name, "seed": seed, "status": "FINISHED", "eval": {"linear_top1": lin},
+             "train_minutes": 10.0, "machine": machine}))
+    rows = rs.collect()
+    assert [r["seed"] for r in rows["mae_random"]] == [0, 1]
+    table = rs.report()
+    assert "| mae_random | 2 | 84.50 ± 0.71 | 10.00 ± 0.00 | – |" in table
+    assert "Trained on A: mae_random-s0, mae_random-s1; B: mlomae-s0." in table
+    assert "| mlomae | 1 | +1.50 | 1.00 (1 seed) |" in table

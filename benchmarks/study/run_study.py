@@ -10,9 +10,14 @@ Runs live in benchmarks/study/runs/METHOD-sSEED (git-ignored; another study file
 folder with ``runs:``); each run trains in a process of its own (memory does not grow from run
 to run), and a SIGTERM or Ctrl-C reaches it: it checkpoints and the study stops. A killed study
 is simply started again: finished runs are skipped, interrupted ones resume from their last
-checkpoint. Every run
-is tracked in the MLflow experiment `study`. The test split is read only by the final
-evaluations; nothing is selected on it.
+checkpoint. Every run is tracked in the MLflow experiment `study`. The test split is read only
+by the final evaluations; nothing is selected on it.
+
+What the tables read from a finished run is kept apart from its folder, in a file meant to be
+committed: benchmarks/study/results/EXPERIMENT/METHOD-sSEED.json (its evaluations, final metrics,
+training minutes and the machine that trained it) beside its mask heat map, so a study that
+takes many days survives a new clone. A run with such a record counts as finished; delete the
+record to train it again.
 """
 
 from __future__ import annotations
@@ -34,16 +39,24 @@ from mlomae.config import load_yaml  # noqa: E402  (after the path is set)
 
 STUDY: dict = {}
 RUNS = HERE / "runs"
+RESULTS = HERE / "results" / "study"
 
 
 def use_study(path: Path) -> None:
-    """Read a study file: its runs live in HERE / its ``runs`` key (default ``runs``)."""
-    global STUDY, RUNS
+    """Read a study file: its runs live in HERE / its ``runs`` key (default ``runs``), the
+    records of its finished runs in HERE / ``results`` (default ``results/EXPERIMENT``)."""
+    global STUDY, RUNS, RESULTS
     STUDY = load_yaml(Path(path).read_text())
     RUNS = HERE / STUDY.get("runs", "runs")
+    RESULTS = HERE / STUDY.get("results", f"results/{STUDY.get('experiment', 'study')}")
 
 
 use_study(HERE / "study.yaml")
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def pretrain_per_outer(cfg) -> int:
@@ -90,18 +103,23 @@ def evaluate_missing(rd: Path, summary: dict) -> dict:
 
 def export_before(method: str) -> None:
     """A method with ``export_before: RUN`` (e.g. AutoMAE's frozen generator, ``random-s0``)
-    reads that finished run's encoder from RUNS/RUN.safetensors: written here (``mlomae
-    export``) the first time; a clear stop if RUN has not finished."""
+    reads that finished run's encoder from RESULTS/RUN.safetensors (kept with the records):
+    written here (``mlomae export``) the first time; a clear stop if RUN has not finished here."""
     run = STUDY["methods"][method].get("export_before")
     if not run:
         return
-    out = RUNS / f"{run}.safetensors"
+    out = RESULTS / f"{run}.safetensors"
     if out.exists():
         return
     summary = RUNS / run / "summary.json"
     if not summary.exists() or json.loads(summary.read_text()).get("status") != "FINISHED":
+        kept = RESULTS / f"{run}.json"
+        again = (f" (its record {shown(kept)} is kept but not its folder: delete the "
+                 f"record to train it again)" if kept.exists() else "")
         raise SystemExit(f"error: method {method} reads the encoder of run {run}, which has not "
-                         f"finished: run its method first (--methods {run.rsplit('-s', 1)[0]})")
+                         f"finished in {shown(RUNS)}{again}: run it first (--methods "
+                         f"{run.rsplit('-s', 1)[0]} --seeds {run.rsplit('-s', 1)[1]})")
+    out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "mlomae", "export", str(RUNS / run), "--out", str(out)],
                    check=True, cwd=ROOT)
 
@@ -112,7 +130,11 @@ def run_one(method: str, seed: int) -> dict:
     rd = RUNS / f"{method}-s{seed}"
     summary = rd / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "FINISHED":
-        return evaluate_missing(rd, json.loads(summary.read_text()))
+        return save_record(rd, evaluate_missing(rd, json.loads(summary.read_text())))
+    kept = RESULTS / f"{method}-s{seed}.json"
+    if kept.exists():   # finished in an earlier clone: only its record is here
+        print(f"   {method} seed {seed}: finished ({shown(kept)})", flush=True)
+        return json.loads(kept.read_text())
     export_before(method)
     exp = ROOT / STUDY["methods"][method]["experiment"]
     ov = overrides(method, seed)
@@ -128,22 +150,77 @@ def run_one(method: str, seed: int) -> dict:
         cfg = load(rd / "config.yaml", [])
     print(f"== {method} seed {seed}: {steps} outer steps ({steps * per} pretraining steps)"
           f"{' (resuming)' if resume else ''}", flush=True)
-    return Runner(cfg, run_dir=rd, resume=resume).run()
+    out = Runner(cfg, run_dir=rd, resume=resume).run()
+    if out.get("status") == "FINISHED":
+        save_record(rd, out)
+    return out
+
+
+def machine() -> str:
+    """This machine in a few words: the CPU's model name, its cores and bf16 units."""
+    import os
+    import platform
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name}, {os.cpu_count()} cores" + (f" ({', '.join(units)})" if units else "")
+
+
+def save_record(rd: Path, summary: dict) -> dict:
+    """Keep what the tables read from the finished run in ``rd`` as RESULTS/NAME.json (and its
+    mask heat map as RESULTS/NAME-heatmap.png), written whole or not at all. The machine and
+    date of a record already there are kept (a later evaluation does not retrain)."""
+    import datetime
+    import shutil
+    method, seed = rd.name.rsplit("-s", 1)
+    path = RESULTS / f"{rd.name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    rec = {"method": method, "seed": int(seed), "status": "FINISHED",
+           "eval": summary.get("eval") or {},
+           "final_metrics": {k: v for k, v in (summary.get("final_metrics") or {}).items()
+                             if isinstance(v, (int, float))},
+           "train_minutes": round(train_minutes(summary, rd), 2),
+           "outer_steps": summary.get("outer_steps"), "problem_steps": summary.get("problem_steps"),
+           "precision": summary.get("precision"),
+           "machine": old.get("machine") or machine(),
+           "date": old.get("date") or datetime.date.today().isoformat()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    heat = rd / "pictures" / "mask_heatmap.png"
+    if heat.exists():
+        shutil.copyfile(heat, RESULTS / f"{rd.name}-heatmap.png")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return rec
+
+
+def sync_records() -> None:
+    """A record for every finished run folder that has none, or an older one."""
+    for rd in sorted(RUNS.glob("*-s*")):
+        s = rd / "summary.json"
+        if s.exists() and json.loads(s.read_text()).get("status") == "FINISHED":
+            rec = RESULTS / f"{rd.name}.json"
+            if not rec.exists() or rec.stat().st_mtime < s.stat().st_mtime:
+                save_record(rd, json.loads(s.read_text()))
 
 
 def collect() -> dict:
+    """The study's finished runs, from their records: {method: [record, ...]} by seed."""
     rows: dict = {}
-    for rd in sorted(RUNS.glob("*-s*")):
-        s = rd / "summary.json"
-        if not s.exists():
-            continue
-        d = json.loads(s.read_text())
-        if d.get("status") != "FINISHED":
-            continue
-        method, seed = rd.name.rsplit("-s", 1)
-        d["seed"] = int(seed)
-        d["train_minutes"] = train_minutes(d, rd)
-        rows.setdefault(method, []).append(d)
+    for path in sorted(RESULTS.glob("*-s*.json")):
+        d = json.loads(path.read_text())
+        if d.get("status") == "FINISHED":
+            rows.setdefault(d["method"], []).append(d)
+    for runs in rows.values():
+        runs.sort(key=lambda r: r["seed"])
     return rows
 
 
@@ -196,7 +273,19 @@ def report() -> str:
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {wall} | {agree} |")
     if pending:
         lines += ["", "Not finished on any seed yet: " + ", ".join(pending) + "."]
+    lines += ["", machines(rows)]
     return "\n".join(lines) + "\n\n" + paired(rows, metrics)
+
+
+def machines(rows: dict) -> str:
+    """Which machine trained which runs (pretraining times compare only within one)."""
+    by: dict = {}
+    for method in STUDY["methods"]:
+        for r in rows.get(method, []):
+            by.setdefault(r.get("machine", "unknown"), []).append(f"{method}-s{r['seed']}")
+    parts = [f"{m}: {', '.join(runs)}" for m, runs in by.items()]
+    return "Trained on " + ("; ".join(parts) if len(parts) > 1 else
+                            (parts[0].split(":")[0] + " (every run)" if parts else "–")) + "."
 
 
 def paired(rows: dict, metrics: dict, base: str | None = None) -> str:
@@ -259,7 +348,7 @@ def plots() -> list[Path]:
     paths = [out_dir / "accuracy.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
-    heat = [(m, sorted(RUNS.glob(f"{m}-s*/pictures/mask_heatmap.png"))) for m in methods]
+    heat = [(m, sorted(RESULTS.glob(f"{m}-s*-heatmap.png"))) for m in methods]
     heat = [(m, ps[0]) for m, ps in heat if ps]
     if heat:
         cols = min(5, len(heat))
@@ -269,7 +358,7 @@ def plots() -> list[Path]:
             ax.axis("off")
         for ax, (m, png) in zip(axes.flat, heat):
             ax.imshow(plt.imread(png))
-            ax.set_title(f"{m}\n({png.parts[-3]})", fontsize=9)
+            ax.set_title(f"{m}\n({png.name.removesuffix('-heatmap.png')})", fontsize=9)
         fig.tight_layout()
         paths.append(out_dir / "mask_heatmaps.png")
         fig.savefig(paths[-1], dpi=110)
@@ -349,12 +438,13 @@ def main() -> int:
                           f"resumes it", flush=True)
                     return rc if rc > 0 else 128 - rc
                 print(f"   done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    sync_records()
     table = report()
     print(table)
     if args.write_results:
         write_results(args.write_results, table)
     for p in plots():
-        print(f"plot: {p.relative_to(ROOT)}")
+        print(f"plot: {shown(p)}")
     return 0
 
 
