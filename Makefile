@@ -94,15 +94,19 @@ gpu-check: $(VENV)/.installed-dev
 
 # the learned-masking study in the regime: every masking method x 3 seeds at 40 epochs, each run
 # in its own process, resumable (tens of hours on 2 cores: stop it any time and run it again;
-# see benchmarks/study/masking.yaml), then its table into benchmarks/RESULTS.md and the plots
+# see benchmarks/study/masking.yaml), then its table into benchmarks/RESULTS.md and the plots.
+# Each finished run leaves a record in benchmarks/study/results/masking/ (commit it: the tables
+# are made from the records, and a run with one is not trained again)
 study: install data
 	$(PY) benchmarks/study/run_study.py --study benchmarks/study/masking.yaml \
 		--write-results benchmarks/RESULTS.md
 
 # which repaired MLO-MAE masker the study takes: its variants at the study's budget, one seed,
-# judged on the mask split (benchmarks/study/variants.yaml; about an hour a variant)
+# judged on the mask split (benchmarks/study/variants.yaml; about an hour a variant), its table
+# into benchmarks/RESULTS.md; records in benchmarks/study/results/variants/
 study-variants: install data
-	$(PY) benchmarks/study/run_study.py --study benchmarks/study/variants.yaml
+	$(PY) benchmarks/study/run_study.py --study benchmarks/study/variants.yaml \
+		--write-results benchmarks/RESULTS.md
 
 # the first study (6.4 epochs) and its masker-collapse diagnosis, as RESULTS.md reports them
 study-first: install data
