@@ -187,7 +187,7 @@ def save_record(rd: Path, summary: dict) -> dict:
            "eval": summary.get("eval") or {},
            "final_metrics": {k: v for k, v in (summary.get("final_metrics") or {}).items()
                              if isinstance(v, (int, float))},
-           "train_minutes": round(train_minutes(summary, rd), 2),
+           "train_minutes": train_minutes(summary, rd),
            "outer_steps": summary.get("outer_steps"), "problem_steps": summary.get("problem_steps"),
            "precision": summary.get("precision"),
            "machine": old.get("machine") or machine(),
@@ -308,7 +308,8 @@ def paired(rows: dict, metrics: dict, base: str | None = None) -> str:
             ds = [r["eval"][m] - b["eval"][m] for r, b in pairs
                   if m in r.get("eval", {}) and m in b.get("eval", {})]
             cells.append(mean_std(ds, signed=True))
-        ratio = mean_std([r["train_minutes"] / b["train_minutes"] for r, b in pairs])
+        ratio = mean_std([r["train_minutes"] / b["train_minutes"] for r, b in pairs
+                          if b["train_minutes"] > 0])
         lines.append(f"| {method} | {len(pairs)} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)
 
