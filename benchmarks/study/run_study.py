@@ -157,21 +157,11 @@ def run_one(method: str, seed: int) -> dict:
 
 
 def machine() -> str:
-    """This machine in a few words: the CPU's model name, its cores and bf16 units."""
-    import os
-    import platform
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return f"{name}, {os.cpu_count()} cores" + (f" ({', '.join(units)})" if units else "")
+    """This machine in a few words (the benchmarks' own description): CPU, cores, bf16 units."""
+    sys.path.insert(0, str(HERE.parent))
+    import common
+    m = common.machine(threads=0)
+    return f"{m['cpu']}, {m['nproc']} cores ({m['cpu_flags']})"
 
 
 def save_record(rd: Path, summary: dict) -> dict:
@@ -180,6 +170,7 @@ def save_record(rd: Path, summary: dict) -> dict:
     date of a record already there are kept (a later evaluation does not retrain)."""
     import datetime
     import shutil
+    from mlomae.tracking import atomic_write_text
     method, seed = rd.name.rsplit("-s", 1)
     path = RESULTS / f"{rd.name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
@@ -196,9 +187,7 @@ def save_record(rd: Path, summary: dict) -> dict:
     heat = rd / "pictures" / "mask_heatmap.png"
     if heat.exists():
         shutil.copyfile(heat, RESULTS / f"{rd.name}-heatmap.png")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(rec, indent=1, sort_keys=True) + "\n")
     return rec
 
 
@@ -283,9 +272,9 @@ def machines(rows: dict) -> str:
     for method in STUDY["methods"]:
         for r in rows.get(method, []):
             by.setdefault(r.get("machine", "unknown"), []).append(f"{method}-s{r['seed']}")
-    parts = [f"{m}: {', '.join(runs)}" for m, runs in by.items()]
-    return "Trained on " + ("; ".join(parts) if len(parts) > 1 else
-                            (parts[0].split(":")[0] + " (every run)" if parts else "–")) + "."
+    if len(by) <= 1:
+        return f"Trained on {next(iter(by), '–')} (every run)."
+    return "Trained on " + "; ".join(f"{m}: {', '.join(runs)}" for m, runs in by.items()) + "."
 
 
 def paired(rows: dict, metrics: dict, base: str | None = None) -> str:
