@@ -1,0 +1,43 @@
+"""benchmarks/study/signal.py: the hypergradient's signal share, against hand computations."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_signal():
+    spec = importlib.util.spec_from_file_location("study_signal", ROOT / "benchmarks/study/signal.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_signal_share_by_hand():
+    s = load_signal().signal_stats(torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    # dots: |g|^2 = 4, 1, 2 (mean 7/3); g1.g2 = 0, g1.g3 = 2, g2.g3 = 1 (mean over i != j: 1)
+    assert s["signal_share"] == pytest.approx(3 / 7, abs=1e-15)
+    assert s["batches_to_half_signal"] == pytest.approx(4 / 3, abs=1e-15)
+    # cosines: (1,2) 0, (1,3) 1/sqrt2, (2,3) 1/sqrt2; successive: (1,2), (2,3)
+    assert s["pairwise_cosine"] == pytest.approx(2 / 3 / math.sqrt(2), abs=1e-15)
+    assert s["successive_cosine"] == pytest.approx(1 / 2 / math.sqrt(2), abs=1e-15)
+    # halves: mean of row 1 = (2, 0), of rows 2-3 = (0.5, 1): dot 1, norms 2 and sqrt(1.25)
+    assert s["split_half_cosine"] == pytest.approx(1 / (2 * math.sqrt(1.25)), abs=1e-15)
+    assert s["mean_norm"] == pytest.approx((2 + 1 + math.sqrt(2)) / 3, abs=1e-15)
+
+
+def test_signal_share_extremes():
+    sig = load_signal()
+    same = sig.signal_stats(torch.tensor([[1.0, 2.0]] * 4))
+    assert same["signal_share"] == pytest.approx(1.0, abs=1e-15)
+    assert same["batches_to_half_signal"] == 0.0
+    orthogonal = sig.signal_stats(torch.eye(3))
+    assert orthogonal["signal_share"] == 0.0 and orthogonal["batches_to_half_signal"] == math.inf
+    with pytest.raises(ValueError, match="at least two"):
+        sig.signal_stats(torch.ones(1, 3))
