@@ -1,4 +1,4 @@
-"""benchmarks/study/signal.py: the hypergradient's signal share, against hand computations."""
+"""benchmarks/study/hypersignal.py: the hypergradient's signal share, against hand computations."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_signal():
-    spec = importlib.util.spec_from_file_location("study_signal", ROOT / "benchmarks/study/signal.py")
+    spec = importlib.util.spec_from_file_location("hypersignal", ROOT / "benchmarks/study/hypersignal.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -2,7 +2,7 @@
 one problem (``mask`` by default) on many batches, and how much of it repeats from batch to
 batch:
 
-    python benchmarks/study/signal.py benchmarks/study/runs-masking/mlomae_repaired-s0 \\
+    python benchmarks/study/hypersignal.py benchmarks/study/runs-masking/mlomae_repaired-s0 \\
         [--step OUTER_STEP] [--batches 64] [--problem mask] [--save]
 
 From the checkpoint's state the schedule runs as in training (the lower problems step: the
