@@ -92,13 +92,18 @@ def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
                           hint="problems: " + ", ".join(eng.problems))
     eng.load_state_dict(state["engine"])
     checkpoint.set_rng_state(state["rng"])
-    lr = eng.problems["pretrain"].lr() if "pretrain" in eng.problems else float("nan")
+    lr = eng.problems["pretrain"].lr if "pretrain" in eng.problems else float("nan")
     rows = []
     for _ in range(batches):
         eng.prefix(problem)
         _, _, hyper = eng.gradient(problem)
         rows.append(_flat(hyper))
-    return int(state["engine"]["outer_step"]), torch.stack(rows), float(lr)
+    g = torch.stack(rows)
+    if not bool(g.any()):
+        raise ValueError(f"{run_dir}: every hypergradient of {problem!r} is zero at outer step "
+                         f"{state['engine']['outer_step']} (inside the masker's random warm-up, or "
+                         f"a pretraining lr of {lr:g}?): take a later --step")
+    return int(state["engine"]["outer_step"]), g, float(lr)
 
 
 def main() -> int:
