@@ -41,3 +41,19 @@ def test_signal_share_extremes():
     assert orthogonal["signal_share"] == 0.0 and orthogonal["batches_to_half_signal"] == math.inf
     with pytest.raises(ValueError, match="at least two"):
         sig.signal_stats(torch.ones(1, 3))
+
+
+def test_agreement_by_hand():
+    # a = rows (1,0), (0,1); b = rows (1,1), (1,-1)
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    s = load_signal().agreement(a, b)
+    # per batch: cos((1,0),(1,1)) = 1/sqrt2, cos((0,1),(1,-1)) = -1/sqrt2
+    assert s["batch_cosine"] == pytest.approx(0.0, abs=1e-15)
+    # means (0.5, 0.5) and (1, 0): cosine 1/sqrt2
+    assert s["mean_cosine"] == pytest.approx(1 / math.sqrt(2), abs=1e-15)
+    # i != j: a1.b2 = 1, a2.b1 = 1 -> 1; a1.a2 = 0 -> a's signal estimate 0: nan
+    assert math.isnan(s["signal_cosine"])
+    c = torch.tensor([[2.0, 0.0], [1.0, 1.0]])   # c1.c2 = 2
+    d = torch.tensor([[1.0, 1.0], [3.0, 0.0]])   # d1.d2 = 3; c1.d2 = 6, c2.d1 = 2 -> 4
+    assert load_signal().agreement(c, d)["signal_cosine"] == pytest.approx(4 / math.sqrt(6), abs=1e-15)

@@ -3,7 +3,7 @@ one problem (``mask`` by default) on many batches, and how much of it repeats fr
 batch:
 
     python benchmarks/study/hypersignal.py benchmarks/study/runs-masking/mlomae_repaired-s0 \\
-        [--step OUTER_STEP] [--batches 64] [--problem mask] [--save]
+        [--step OUTER_STEP] [--batches 64] [--problem mask] [--methods unroll] [--save]
 
 From the checkpoint's state the schedule runs as in training (the lower problems step: the
 pretraining steps and the head's step of each outer step), and before each of the upper
@@ -19,6 +19,11 @@ checkpoint left it while the MAE moves on as it would have. With g_1 .. g_N the 
 - the mean pairwise and the mean successive cosine (the latter is what the runs log as
   ``mask/hypergrad_cosine``), and the cosine between the means of the first and the second half
   of the batches (split-half agreement of the mean direction).
+
+``--methods unroll`` takes the exact hypergradient (through the same K pretraining steps) at each
+of the same states beside the run's own method: its signal share, and against the run's method
+the mean per-batch cosine and the cosine of the two means (is the mean direction the run's
+method follows the exact one, only noisier, or another?).
 
 Only the ``mask`` and ``finetune`` splits are read (through the problems' own loaders); test is
 not. ``--save`` keeps the numbers beside the study's records
@@ -63,14 +68,11 @@ def signal_stats(g: torch.Tensor) -> dict[str, float]:
             "split_half_cosine": half}
 
 
-def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
-                   threads: int) -> tuple[int, torch.Tensor, float]:
-    """(outer step of the checkpoint, N x D hypergradients, pretraining lr at the checkpoint)."""
+def load_run(run_dir: Path, step: int | None):
+    """(config, checkpoint state) of a run directory at outer step ``step`` (default latest)."""
     from mlomae import checkpoint
-    from mlomae.check import _engine, _flat
     from mlomae.config import load
     from mlomae.errors import ConfigError
-    torch.set_num_threads(threads)
     if not (run_dir / "config.yaml").exists():
         raise ConfigError("not a run directory (no config.yaml)", key="RUN_DIR", value=str(run_dir))
     found = {int(checkpoint.PATTERN.fullmatch(p.name).group(1)): p
@@ -85,25 +87,79 @@ def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
                           hint="available: " + (", ".join(map(str, sorted(found))) or "none"))
     else:
         state = checkpoint.load(found[step])
-    cfg = load(str(run_dir / "config.yaml"), ["evaluation=[]"])
-    eng = _engine(cfg)
-    if problem not in eng.problems:
+    return load(str(run_dir / "config.yaml"), ["evaluation=[]"]), state
+
+
+def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
+                   methods: list[str], threads: int) -> tuple[int, dict[str, torch.Tensor], float]:
+    """(outer step of the checkpoint, {label: N x D hypergradients}, pretraining lr there).
+
+    ``configured`` is the run's own method; every other method (``mlomae.check.with_method``:
+    that method on every dependency) is taken at the same N states, each from the same
+    parameters, optimizer states, loader positions and random state as the configured one, so
+    their hypergradients differ by the method alone."""
+    import copy
+    from mlomae.build import build
+    from mlomae.check import _engine, _flat, preserved_rng, with_method
+    from mlomae.checkpoint import rng_state, set_rng_state
+    from mlomae.errors import ConfigError
+    from mlomae.hypergrad import METHODS
+    torch.set_num_threads(threads)
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError("unknown hypergradient method", key="--methods", value=m,
+                              hint="known: " + ", ".join(METHODS))
+    cfg, state = load_run(run_dir, step)
+    with preserved_rng():
+        built = build(cfg)
+        others = {m: _engine(with_method(cfg, m), built.data) for m in methods}
+    driver = built.engine
+    if problem not in driver.problems:
         raise ConfigError("no such problem", key="--problem", value=problem,
-                          hint="problems: " + ", ".join(eng.problems))
-    eng.load_state_dict(state["engine"])
-    checkpoint.set_rng_state(state["rng"])
-    lr = eng.problems["pretrain"].lr if "pretrain" in eng.problems else float("nan")
-    rows = []
+                          hint="problems: " + ", ".join(driver.problems))
+    driver.load_state_dict(state["engine"])
+    set_rng_state(state["rng"])
+    lr = driver.problems["pretrain"].lr if "pretrain" in driver.problems else float("nan")
+    rows: dict[str, list[torch.Tensor]] = {"configured": [], **{m: [] for m in methods}}
     for _ in range(batches):
-        eng.prefix(problem)
-        _, _, hyper = eng.gradient(problem)
-        rows.append(_flat(hyper))
-    g = torch.stack(rows)
-    if not bool(g.any()):
+        if others:
+            here, rng = copy.deepcopy(driver.state_dict()), rng_state()
+            for m, eng in others.items():
+                eng.load_state_dict(copy.deepcopy(here))
+                set_rng_state(rng)
+                eng.prefix(problem)
+                rows[m].append(_flat(eng.gradient(problem)[2]))
+            set_rng_state(rng)
+        driver.prefix(problem)   # the lower problems step; the masker does not
+        rows["configured"].append(_flat(driver.gradient(problem)[2]))
+    g = {k: torch.stack(v) for k, v in rows.items()}
+    if not bool(g["configured"].any()):
         raise ValueError(f"{run_dir}: every hypergradient of {problem!r} is zero at outer step "
                          f"{state['engine']['outer_step']} (inside the masker's random warm-up, or "
                          f"a pretraining lr of {lr:g}?): take a later --step")
     return int(state["engine"]["outer_step"]), g, float(lr)
+
+
+def _off_diagonal_mean(m: torch.Tensor) -> torch.Tensor:
+    n = m.shape[0]
+    return (m.sum() - m.diagonal().sum()) / (n * (n - 1))
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Two methods' hypergradients on the same N states (rows): the mean per-batch cosine, the
+    cosine of their means over the N batches, and the *signal cosine*, the cosine of the two
+    expected hypergradients with the noise taken out: E a . E b / (|E a| |E b|), each product
+    estimated without bias by the mean of a_i . b_j over i != j (different batches), so the
+    batch noise does not shrink it as it shrinks the cosine of the means (noisy: it can leave
+    [-1, 1] when the signal shares are small; nan when one of them is not positive)."""
+    a, b = a.double(), b.double()
+    per = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+    ma, mb = a.mean(0), b.mean(0)
+    ab, aa, bb = (_off_diagonal_mean(x @ y.T) for x, y in ((a, b), (a, a), (b, b)))
+    signal = float(ab / (aa * bb).sqrt()) if aa > 0 and bb > 0 else math.nan
+    return {"batch_cosine": float(per.mean()),
+            "mean_cosine": float(ma @ mb / (ma.norm() * mb.norm()).clamp_min(1e-300)),
+            "signal_cosine": signal}
 
 
 def main() -> int:
@@ -112,29 +168,43 @@ def main() -> int:
     ap.add_argument("--step", type=int, default=None, help="a checkpoint's outer step (default: the latest)")
     ap.add_argument("--batches", type=int, default=64)
     ap.add_argument("--problem", default="mask")
+    ap.add_argument("--methods", default="", help="also these methods at the same states, "
+                    "e.g. unroll (comma-separated)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", action="store_true", help="keep the numbers beside the study's records")
     args = ap.parse_args()
     from mlomae.errors import MlomaeError
     t0 = time.time()
+    methods = [m for m in args.methods.split(",") if m]
     try:
-        step, g, lr = hypergradients(args.run_dir, args.step, args.problem, args.batches, args.threads)
-        stats = signal_stats(g)
+        step, g, lr = hypergradients(args.run_dir, args.step, args.problem, args.batches,
+                                     methods, args.threads)
+        stats = {k: signal_stats(v) for k, v in g.items()}
     except (MlomaeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stats = {"run": args.run_dir.name, "outer_step": step, "problem": args.problem,
-             "pretrain_lr": lr, **stats, "seconds": time.time() - t0}
-    for k, v in stats.items():
-        print(f"{k:>24}: {v:.4g}" if isinstance(v, float) else f"{k:>24}: {v}")
+    out = {"run": args.run_dir.name, "outer_step": step, "problem": args.problem,
+           "pretrain_lr": lr, "signal": stats,
+           "against_configured": {m: agreement(g["configured"], g[m]) for m in methods},
+           "seconds": time.time() - t0}
+    print(f"{out['run']}, outer step {step}, problem {args.problem}, pretraining lr {lr:.3g}, "
+          f"{args.batches} batches")
+    keys = list(stats["configured"])[1:]
+    print("| method | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for label, s in stats.items():
+        print(f"| {label} | " + " | ".join(f"{s[k]:.4g}" for k in keys) + " |")
+    for m, a in out["against_configured"].items():
+        print(f"{m} against configured: per-batch cosine {a['batch_cosine']:.4f}, "
+              f"cosine of the means {a['mean_cosine']:.4f}, signal cosine {a['signal_cosine']:.4f}")
     if args.save:
         from mlomae.config import load_yaml
         from mlomae.tracking import atomic_write_text
         exp = load_yaml((args.run_dir / "config.yaml").read_text())["tracking"]["experiment"]
-        out = HERE / "results" / exp / f"{args.run_dir.name}-signal-s{step}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(stats, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {out.relative_to(ROOT)}")
+        path = HERE / "results" / exp / f"{args.run_dir.name}-signal-s{step}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(out, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 
