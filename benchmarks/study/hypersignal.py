@@ -91,17 +91,20 @@ def load_run(run_dir: Path, step: int | None):
 
 
 def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
-                   methods: list[str], threads: int) -> tuple[int, dict[str, torch.Tensor], float]:
+                   methods: list[str], threads: int, also: dict[str, list[str]] | None = None
+                   ) -> tuple[int, dict[str, torch.Tensor], float]:
     """(outer step of the checkpoint, {label: N x D hypergradients}, pretraining lr there).
 
     ``configured`` is the run's own method; every other method (``mlomae.check.with_method``:
     that method on every dependency) is taken at the same N states, each from the same
     parameters, optimizer states, loader positions and random state as the configured one, so
-    their hypergradients differ by the method alone."""
+    their hypergradients differ by the method alone. ``also`` adds variants by label: the run's
+    config with those overrides (e.g. one method on one edge only)."""
     import copy
     from mlomae.build import build
     from mlomae.check import _engine, _flat, preserved_rng, with_method
     from mlomae.checkpoint import rng_state, set_rng_state
+    from mlomae.config import load
     from mlomae.errors import ConfigError
     from mlomae.hypergrad import METHODS
     torch.set_num_threads(threads)
@@ -113,6 +116,9 @@ def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
     with preserved_rng():
         built = build(cfg)
         others = {m: _engine(with_method(cfg, m), built.data) for m in methods}
+        for label, ovs in (also or {}).items():
+            others[label] = _engine(load(str(run_dir / "config.yaml"), ["evaluation=[]", *ovs]),
+                                    built.data)
     driver = built.engine
     if problem not in driver.problems:
         raise ConfigError("no such problem", key="--problem", value=problem,
@@ -120,7 +126,7 @@ def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
     driver.load_state_dict(state["engine"])
     set_rng_state(state["rng"])
     lr = driver.problems["pretrain"].lr if "pretrain" in driver.problems else float("nan")
-    rows: dict[str, list[torch.Tensor]] = {"configured": [], **{m: [] for m in methods}}
+    rows: dict[str, list[torch.Tensor]] = {"configured": [], **{m: [] for m in others}}
     for _ in range(batches):
         if others:
             here, rng = copy.deepcopy(driver.state_dict()), rng_state()
@@ -170,22 +176,33 @@ def main() -> int:
     ap.add_argument("--problem", default="mask")
     ap.add_argument("--methods", default="", help="also these methods at the same states, "
                     "e.g. unroll (comma-separated)")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=OVERRIDE[;OVERRIDE]",
+                    help="also the run's config with these overrides, e.g. "
+                         "'sama_pretrain=hypergrad.method=sama;dependencies=[...]' (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", action="store_true", help="keep the numbers beside the study's records")
     args = ap.parse_args()
     from mlomae.errors import MlomaeError
     t0 = time.time()
     methods = [m for m in args.methods.split(",") if m]
+    also = {}
+    for item in args.also:
+        label, _, ovs = item.partition("=")
+        if not label or not ovs:
+            print(f"error: --also {item!r}: expected LABEL=OVERRIDE[;OVERRIDE]", file=sys.stderr)
+            return 2
+        also[label] = ovs.split(";")
     try:
         step, g, lr = hypergradients(args.run_dir, args.step, args.problem, args.batches,
-                                     methods, args.threads)
+                                     methods, args.threads, also)
         stats = {k: signal_stats(v) for k, v in g.items()}
     except (MlomaeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = {"run": args.run_dir.name, "outer_step": step, "problem": args.problem,
            "pretrain_lr": lr, "signal": stats,
-           "against_configured": {m: agreement(g["configured"], g[m]) for m in methods},
+           "agreement": {f"{a} / {b}": agreement(g[a], g[b])
+                         for i, a in enumerate(g) for b in list(g)[i + 1:]},
            "seconds": time.time() - t0}
     print(f"{out['run']}, outer step {step}, problem {args.problem}, pretraining lr {lr:.3g}, "
           f"{args.batches} batches")
@@ -194,8 +211,8 @@ def main() -> int:
     print("|---" * (len(keys) + 1) + "|")
     for label, s in stats.items():
         print(f"| {label} | " + " | ".join(f"{s[k]:.4g}" for k in keys) + " |")
-    for m, a in out["against_configured"].items():
-        print(f"{m} against configured: per-batch cosine {a['batch_cosine']:.4f}, "
+    for m, a in out["agreement"].items():
+        print(f"{m}: per-batch cosine {a['batch_cosine']:.4f}, "
               f"cosine of the means {a['mean_cosine']:.4f}, signal cosine {a['signal_cosine']:.4f}")
     if args.save:
         from mlomae.config import load_yaml
