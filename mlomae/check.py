@@ -267,11 +267,10 @@ class StateCheck:
         return rows
 
 
-def check_checkpoint(run_dir: str | os.PathLike, step: int | None = None,
-                     methods: Sequence[str] | None = None, overrides: Sequence[str] = ()
-                     ) -> tuple[int, list[dict[str, Any]]]:
-    """:class:`StateCheck` at a run's latest intact checkpoint (or the one of outer step
-    ``step``), with the run's ``config.yaml``: (outer step, rows). ``methods`` None: all."""
+def load_run_checkpoint(run_dir: str | os.PathLike, step: int | None = None,
+                        overrides: Sequence[str] = ()) -> tuple[Config, Any, dict[str, Any]]:
+    """A run directory's ``config.yaml`` (with ``overrides``) and its latest intact checkpoint,
+    or the one of outer step ``step``: (config, checkpoint path, state)."""
     from pathlib import Path
 
     from . import checkpoint
@@ -298,7 +297,16 @@ def check_checkpoint(run_dir: str | os.PathLike, step: int | None = None,
         if problem is not None:
             raise ConfigError(f"checkpoint {path} is unusable: {problem}", key="--step", value=step)
         state = checkpoint.load(path)
-    cfg = load(str(cfg_file), list(overrides))
+    return load(str(cfg_file), list(overrides)), path, state
+
+
+def check_checkpoint(run_dir: str | os.PathLike, step: int | None = None,
+                     methods: Sequence[str] | None = None, overrides: Sequence[str] = ()
+                     ) -> tuple[int, list[dict[str, Any]]]:
+    """:class:`StateCheck` at a run's latest intact checkpoint (or the one of outer step
+    ``step``), with the run's ``config.yaml``: (outer step, rows). ``methods`` None: all."""
+    from .errors import ConfigError
+    cfg, path, state = load_run_checkpoint(run_dir, step, overrides)
     ref = reference_method()
     methods = [m for m in METHODS if m != ref] if methods is None else list(methods)
     check = StateCheck(cfg, methods, measure_memory=True)
@@ -306,5 +314,5 @@ def check_checkpoint(run_dir: str | os.PathLike, step: int | None = None,
         check.engines[0][1].load_state_dict(copy.deepcopy(state["engine"]))
     except (RuntimeError, KeyError, ValueError) as e:
         raise ConfigError(f"checkpoint {path.name} does not fit the experiment: "
-                          f"{str(e).splitlines()[0]}", key="RUN_DIR", value=str(rd)) from None
+                          f"{str(e).splitlines()[0]}", key="RUN_DIR", value=str(run_dir)) from None
     return int(state["engine"]["outer_step"]), check.compare(state["engine"], state["rng"])

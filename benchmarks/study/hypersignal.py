@@ -25,8 +25,8 @@ of the same states beside the run's own method: its signal share, and against th
 the mean per-batch cosine and the cosine of the two means (is the mean direction the run's
 method follows the exact one, only noisier, or another?).
 
-Only the ``mask`` and ``finetune`` splits are read (through the problems' own loaders); test is
-not. ``--save`` keeps the numbers beside the study's records
+Only the training splits are read (``pretrain``, ``finetune`` and ``mask``, through the problems'
+own loaders); test is not. ``--save`` keeps the numbers beside the study's records
 (results/EXPERIMENT/RUN-signal-sSTEP.json, EXPERIMENT read from the run's config).
 """
 
@@ -68,28 +68,6 @@ def signal_stats(g: torch.Tensor) -> dict[str, float]:
             "split_half_cosine": half}
 
 
-def load_run(run_dir: Path, step: int | None):
-    """(config, checkpoint state) of a run directory at outer step ``step`` (default latest)."""
-    from mlomae import checkpoint
-    from mlomae.config import load
-    from mlomae.errors import ConfigError
-    if not (run_dir / "config.yaml").exists():
-        raise ConfigError("not a run directory (no config.yaml)", key="RUN_DIR", value=str(run_dir))
-    found = {int(checkpoint.PATTERN.fullmatch(p.name).group(1)): p
-             for p in checkpoint.list_checkpoints(run_dir / "checkpoints")}
-    if step is None:
-        latest = checkpoint.load_latest(run_dir / "checkpoints")
-        if latest is None:
-            raise ConfigError("no usable checkpoint", key="RUN_DIR", value=str(run_dir))
-        state = latest[1]
-    elif step not in found:
-        raise ConfigError("no checkpoint of this outer step", key="--step", value=step,
-                          hint="available: " + (", ".join(map(str, sorted(found))) or "none"))
-    else:
-        state = checkpoint.load(found[step])
-    return load(str(run_dir / "config.yaml"), ["evaluation=[]"]), state
-
-
 def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
                    methods: list[str], threads: int, also: dict[str, list[str]] | None = None
                    ) -> tuple[int, dict[str, torch.Tensor], float]:
@@ -102,7 +80,7 @@ def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
     config with those overrides (e.g. one method on one edge only)."""
     import copy
     from mlomae.build import build
-    from mlomae.check import _engine, _flat, preserved_rng, with_method
+    from mlomae.check import _engine, _flat, load_run_checkpoint, preserved_rng, with_method
     from mlomae.checkpoint import rng_state, set_rng_state
     from mlomae.config import load
     from mlomae.errors import ConfigError
@@ -112,7 +90,7 @@ def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
         if m not in METHODS:
             raise ConfigError("unknown hypergradient method", key="--methods", value=m,
                               hint="known: " + ", ".join(METHODS))
-    cfg, state = load_run(run_dir, step)
+    cfg, _, state = load_run_checkpoint(run_dir, step, ["evaluation=[]"])
     with preserved_rng():
         built = build(cfg)
         others = {m: _engine(with_method(cfg, m), built.data) for m in methods}
