@@ -31,9 +31,11 @@ def test_every_method_declares_its_options_and_needs():
         "neumann": ({"iters": 5, "eta": None}, Keep.NOTHING, True, True),
         "cg": ({"iters": 5, "tol": 1e-10}, Keep.NOTHING, True, True),
         "first_order": ({}, Keep.NOTHING, False, False),
-        "sama": ({"alpha": 1.0}, Keep.STEP_GRADIENT, False, True),
+        "sama": ({"alpha": 1.0, "exact": False}, Keep.STEP_GRADIENT, False, True),
     }
     assert make("darts", {"exact": True}).keeps is Keep.STEP_GRAPH
+    assert make("sama", {"exact": True}).keeps is Keep.STEP_GRAPH
+    assert [n for n, c in METHODS.items() if make(n).applied_gradient] == ["sama"]
     assert [n for n, c in METHODS.items() if c.reference] == ["unroll"]
 
 

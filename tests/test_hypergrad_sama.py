@@ -45,6 +45,9 @@ def ridge(method: str, opt: str, K: int, options=None, lr=0.05, d=4):
 def test_sama_declares_what_it_needs():
     m = make("sama")
     assert (m.alpha, m.keeps, m.second_order) == (1.0, Keep.STEP_GRADIENT, False)
+    e = make("sama", {"exact": True})
+    assert (e.keeps, e.second_order, e.precise_loss, e.applied_gradient) == (
+        Keep.STEP_GRAPH, True, False, True)
     with pytest.raises(ValueError, match="alpha"):
         make("sama", {"alpha": 0})
 
@@ -72,6 +75,31 @@ def test_sama_equals_a_hand_computation_after_two_adam_steps():
     assert torch.equal(direct[0], torch.zeros(4, dtype=DT))
     torch.testing.assert_close(eng.problems["lower"].module.value.detach(), theta, rtol=0, atol=1e-15)
     torch.testing.assert_close(hyper[0], expected, rtol=1e-9, atol=0)
+
+
+def test_exact_sama_equals_a_hand_computation_at_the_step_start():
+    """exact: the same v' as above, the mixed term's limit on the graph the lower's last step
+    kept, so at θ₁, the parameters step 2 started from: the push is −e^λ ⊙ θ₁ ⊙ v'. The lower
+    keeps both the graph and the applied gradient g₂."""
+    lr, b1, b2, eps = 0.05, 0.8, 0.9, 1e-8
+    eng, (X, y, Xv, yv), lam = ridge("sama", "adam", 2, {"exact": True}, lr=lr)
+    assert eng.graph.keeps["lower"] is Keep.STEP_GRAPH and eng.graph.applied == {"lower"}
+    eng.prefix("hyper")
+    _, _, hyper = eng.gradient("hyper")
+
+    theta = torch.full((4,), 0.3, dtype=DT)
+    m = s = torch.zeros(4, dtype=DT)
+    for t in (1, 2):
+        start = theta
+        th = theta.clone().requires_grad_(True)
+        g = torch.autograd.grad(ridge_inner(th, lam, X, y), th)[0]
+        m_old, s_old = m, s
+        m, s = b1 * m + (1 - b1) * g, b2 * s + (1 - b2) * g * g
+        theta = theta - lr / (1 - b1 ** t) * m / ((s / (1 - b2 ** t)).sqrt() + eps)
+    v = Xv.T @ (Xv @ theta - yv) / len(yv)
+    v_pre = lr * ((1 - b1) * b2 * s_old - b1 * (1 - b2) * g * m_old) / (s.sqrt() + eps) ** 3 * v
+    torch.testing.assert_close(eng.kept.gradients["lower"][0], g, rtol=0, atol=1e-15)
+    torch.testing.assert_close(hyper[0], -lam.exp() * start * v_pre, rtol=1e-12, atol=0)
 
 
 def test_sama_with_sgd_is_darts():

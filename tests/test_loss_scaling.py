@@ -188,7 +188,7 @@ def hypergradient(method, options, dtype, adam=False, loss_scale=None):
 
 METHODS = [("unroll", {}, False), ("darts", {}, False), ("darts", {"exact": True}, False),
            ("neumann", {}, False), ("cg", {}, False), ("sama", {}, False), ("sama", {}, True),
-           ("darts", {"exact": True}, True), ("cg", {}, True)]
+           ("sama", {"exact": True}, True), ("darts", {"exact": True}, True), ("cg", {}, True)]
 
 
 @pytest.mark.parametrize("method,options,adam", METHODS)

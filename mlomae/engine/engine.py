@@ -294,7 +294,7 @@ class Engine:
         if p.grad_clip is not None:
             coef = torch.clamp(p.grad_clip / (gnorm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
-        if self.graph.keeps[p.name] is Keep.STEP_GRADIENT:
+        if p.name in self.graph.applied:
             self.kept.keep_gradient(p.name, grads)
         for x, g in zip(params, grads):
             x.grad = g

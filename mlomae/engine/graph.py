@@ -68,6 +68,9 @@ class Graph:
             self.method_for(d.upper, d.lower)
         self.plans = {n: p for n in self.names if (p := self._plan(n)) is not None}
         self.keeps = {n: self._keeps(n) for n in self.names}
+        # problems whose steps also keep the gradient their optimizer applied, detached
+        self.applied = {lower for plan in self.plans.values()
+                        for lower, m in plan.methods.items() if m.applied_gradient}
 
     # -- validation -------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -323,6 +326,8 @@ class Graph:
         for d in self.dependencies:
             m = self.method_for(d.upper, d.lower)
             extra = "".join(["; keeps the lower's " + m.keeps.value if m.keeps.value != "nothing" else "",
+                             "; keeps the lower's last step's gradient"
+                             if m.applied_gradient and m.keeps is not Keep.STEP_GRADIENT else "",
                              "; second order" if m.second_order else ""])
             lines.append(f"  {d.upper} -> {d.lower}  [{m}{extra}]")
         lines.append("schedule (one outer step): " + " ".join(self.cycle()))

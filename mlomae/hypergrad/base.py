@@ -85,6 +85,12 @@ class Method:
         return Keep.NOTHING
 
     @property
+    def applied_gradient(self) -> bool:
+        """Whether the push reads the gradient the lower's optimizer last applied
+        (``LowerLevel.step_gradient``; SAMA's preconditioner), whatever else the steps keep."""
+        return self.keeps is Keep.STEP_GRADIENT
+
+    @property
     def second_order(self) -> bool:
         """Whether the push differentiates the lower loss twice (Hessian-vector or mixed
         products by double backward): then the lower's module needs kernels that have a double

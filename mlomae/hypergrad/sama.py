@@ -13,6 +13,13 @@ so v' = lr · that ⊙ v, and the push is −(∂²f/∂x∂θ) v' by central di
 (or no optimizer) v' = v and SAMA is DARTS with the same α. g is the gradient the lower's
 optimizer last applied (``Keep.STEP_GRADIENT``); before the lower's first step Adam has no state
 and the push is zero, as in Betty.
+
+``exact=True`` takes the mixed term's limit ε → 0 instead, −∇_x(∇_θ f · v'), by a double backward
+through the graph the lower's last step kept (``Keep.STEP_GRAPH``, as exact DARTS: at the
+parameters that step started from, no forward pass of its own; one at the current θ when there
+is no such record). Cheap where θ is small next to what lies between x and the loss (MLO-MAE's
+linear head on its encoder); it needs second derivatives of f in θ. The steps then keep the
+applied gradient as well, for the preconditioner.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import Keep, LowerLevel, Method, option, register
+from .base import Keep, LowerLevel, Method, inner_grad, mixed_vjp, option, register
 from .darts import finite_difference
 
 
@@ -34,14 +41,23 @@ class SAMA(Method):
     summary = ("DARTS's finite difference on v passed through the Jacobian of the lower's Adam "
                "update (identity for SGD)")
     alpha: float = option(1.0, "α: the step ε = α/‖v'‖ of the finite difference", above=0.0)
+    exact: bool = option(False, "the limit ε → 0 by double backward, on the lower's last step")
 
     @property
     def keeps(self) -> Keep:
-        return Keep.STEP_GRADIENT
+        return Keep.STEP_GRAPH if self.exact else Keep.STEP_GRADIENT
+
+    @property
+    def applied_gradient(self) -> bool:
+        return True
+
+    @property
+    def second_order(self) -> bool:
+        return self.exact
 
     @property
     def precise_loss(self) -> bool:
-        return True
+        return not self.exact
 
     def unsupported(self, optimizer: torch.optim.Optimizer | None) -> str | None:
         if optimizer is None or isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
@@ -52,6 +68,11 @@ class SAMA(Method):
     def __call__(self, v: Sequence[Tensor], lower: LowerLevel,
                  inputs: Sequence[Tensor]) -> list[Tensor | None]:
         vs = precondition([t.detach() for t in v], lower)
+        if self.exact:
+            recorded = lower.step_grads is not None
+            grads = lower.step_grads if recorded else inner_grad(lower)
+            return mixed_vjp(grads, inputs, vs, lower.reduce,
+                             retain_graph=recorded and lower.retain_step)
         return finite_difference(vs, lower, inputs, self.alpha)
 
 
