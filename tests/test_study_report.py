@@ -157,3 +157,31 @@ def test_report_reads_the_kept_records_and_names_each_machine(tmp_path):
     assert "| mae_random | 2 | 84.50 ± 0.71 | 10.00 ± 0.00 | – |" in table
     assert "Trained on A: mae_random-s0, mae_random-s1; B: mlomae-s0." in table
     assert "| mlomae | 1 | +1.50 | 1.00 (1 seed) |" in table
+
+
+def test_a_run_another_method_reads_is_exported_as_soon_as_it_finishes(tmp_path, monkeypatch):
+    """``export_before: RUN`` (AutoMAE's frozen generator): RUN's encoder is written into the
+    results folder when RUN finishes, once, with ``mlomae export``; a run nobody reads is not
+    exported, and an export already kept is not written again."""
+    import json
+    rs = load_run_study()
+    rs.STUDY.update({"methods": {"random": {}, "frozen": {"export_before": "random-s1"}}})
+    rs.RUNS, rs.RESULTS = tmp_path / "runs", tmp_path / "results"
+    (rs.RUNS / "random-s1").mkdir(parents=True)
+    (rs.RUNS / "random-s1" / "summary.json").write_text(json.dumps({"status": "FINISHED"}))
+    calls = []
+
+    def fake_run(cmd, check, cwd):
+        calls.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        open(out, "wb").close()
+    monkeypatch.setattr(rs.subprocess, "run", fake_run)
+    rs.export_for_others("random-s0")
+    assert calls == []
+    rs.export_for_others("random-s1")
+    assert len(calls) == 1
+    assert calls[0][1:4] == ["-m", "mlomae", "export"]
+    assert calls[0][4] == str(rs.RUNS / "random-s1")
+    assert calls[0][-1] == str(rs.RESULTS / "random-s1.safetensors")
+    rs.export_for_others("random-s1")
+    assert len(calls) == 1

@@ -102,9 +102,10 @@ def evaluate_missing(rd: Path, summary: dict) -> dict:
 
 
 def export_before(method: str) -> None:
-    """A method with ``export_before: RUN`` (e.g. AutoMAE's frozen generator, ``random-s0``)
+    """A method with ``export_before: RUN`` (e.g. AutoMAE's frozen generator, ``random-s1``)
     reads that finished run's encoder from RESULTS/RUN.safetensors (kept with the records):
-    written here (``mlomae export``) the first time; a clear stop if RUN has not finished here."""
+    written when RUN finishes (``export_for_others``), else here the first time; a clear stop
+    if RUN has not finished here."""
     run = STUDY["methods"][method].get("export_before")
     if not run:
         return
@@ -124,13 +125,24 @@ def export_before(method: str) -> None:
                    check=True, cwd=ROOT)
 
 
+def export_for_others(run: str) -> None:
+    """Export the run ``run`` (METHOD-sSEED) as soon as it has finished when another method reads
+    its encoder (``export_before``): its folder may not outlive this checkout, its record does."""
+    for method, spec in STUDY["methods"].items():
+        if spec.get("export_before") == run:
+            export_before(method)
+            return
+
+
 def run_one(method: str, seed: int) -> dict:
     from mlomae.config import load
     from mlomae.run import Runner
     rd = RUNS / f"{method}-s{seed}"
     summary = rd / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "FINISHED":
-        return save_record(rd, evaluate_missing(rd, json.loads(summary.read_text())))
+        rec = save_record(rd, evaluate_missing(rd, json.loads(summary.read_text())))
+        export_for_others(rd.name)
+        return rec
     kept = RESULTS / f"{method}-s{seed}.json"
     if kept.exists():   # finished in an earlier clone: only its record is here
         print(f"   {method} seed {seed}: finished ({shown(kept)})", flush=True)
@@ -153,6 +165,7 @@ def run_one(method: str, seed: int) -> dict:
     out = Runner(cfg, run_dir=rd, resume=resume).run()
     if out.get("status") == "FINISHED":
         save_record(rd, out)
+        export_for_others(rd.name)
     return out
 
 
