@@ -3,6 +3,10 @@
     -(∂²f/∂x∂θ) v ≈ -[∇_x f(θ + εv) − ∇_x f(θ − εv)] / (2ε),   ε = α / ‖v‖
 
 Two first-order evaluations of f; no second derivative, so it also runs through fused attention.
+It is the implicit (best-response) form, as in Betty: no factor of the lower's learning rate, so
+its push keeps its size while the lower's schedule decays, where a one-step unroll's
+(−lr·∂²f/∂x∂θ) shrinks with it; and no preconditioner, where SAMA passes v through the
+Jacobian of the lower's Adam step, learning rate included.
 θ is restored bit for bit afterwards (copied back, not re-added).
 
 ``exact=True`` computes the limit ε → 0 instead, −∇_x(∇_θ f · v), by a double backward through
