@@ -161,20 +161,28 @@ def test_report_reads_the_kept_records_and_names_each_machine(tmp_path):
 
 def test_a_run_another_method_reads_is_exported_as_soon_as_it_finishes(tmp_path, monkeypatch):
     """``export_before: RUN`` (AutoMAE's frozen generator): RUN's encoder is written into the
-    results folder when RUN finishes, once, with ``mlomae export``; a run nobody reads is not
-    exported, and an export already kept is not written again."""
+    results' encoders folder when RUN finishes, once, with ``mlomae export`` (here its writer
+    on a tiny MAE); its sidecar leaves RUN's record as it was and the study's table still
+    counts RUN; a run nobody reads is not exported, and an export already kept is not written
+    again."""
     import json
+    from mlomae.eval.export import export_timm, load_timm
+    from mlomae.models.mae import MaskedAutoencoder
     rs = load_run_study()
-    rs.STUDY.update({"methods": {"random": {}, "frozen": {"export_before": "random-s1"}}})
+    rs.STUDY.update({"methods": {"random": {}, "frozen": {"export_before": "random-s1"}},
+                     "baseline": "random", "report_metrics": {"linear_top1": "linear"}})
     rs.RUNS, rs.RESULTS = tmp_path / "runs", tmp_path / "results"
     (rs.RUNS / "random-s1").mkdir(parents=True)
     (rs.RUNS / "random-s1" / "summary.json").write_text(json.dumps({"status": "FINISHED"}))
+    rs.RESULTS.mkdir()
+    record = json.dumps({"method": "random", "seed": 1, "status": "FINISHED",
+                         "eval": {"linear_top1": 88.0}, "train_minutes": 40.0, "machine": "A"})
+    (rs.RESULTS / "random-s1.json").write_text(record)
     calls = []
 
     def fake_run(cmd, check, cwd):
         calls.append(cmd)
-        out = cmd[cmd.index("--out") + 1]
-        open(out, "wb").close()
+        export_timm(MaskedAutoencoder(28, 4, 1, 32, 2, 4, 32, 1, 4), cmd[cmd.index("--out") + 1])
     monkeypatch.setattr(rs.subprocess, "run", fake_run)
     rs.export_for_others("random-s0")
     assert calls == []
@@ -182,6 +190,10 @@ def test_a_run_another_method_reads_is_exported_as_soon_as_it_finishes(tmp_path,
     assert len(calls) == 1
     assert calls[0][1:4] == ["-m", "mlomae", "export"]
     assert calls[0][4] == str(rs.RUNS / "random-s1")
-    assert calls[0][-1] == str(rs.RESULTS / "random-s1.safetensors")
+    out = rs.RESULTS / "encoders" / "random-s1.safetensors"
+    assert calls[0][-1] == str(out)
+    assert load_timm(out).embed_dim == 32
+    assert (rs.RESULTS / "random-s1.json").read_text() == record
+    assert [r["seed"] for r in rs.collect()["random"]] == [1]
     rs.export_for_others("random-s1")
     assert len(calls) == 1

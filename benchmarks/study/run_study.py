@@ -103,13 +103,14 @@ def evaluate_missing(rd: Path, summary: dict) -> dict:
 
 def export_before(method: str) -> None:
     """A method with ``export_before: RUN`` (e.g. AutoMAE's frozen generator, ``random-s1``)
-    reads that finished run's encoder from RESULTS/RUN.safetensors (kept with the records):
-    written when RUN finishes (``export_for_others``), else here the first time; a clear stop
-    if RUN has not finished here."""
+    reads that finished run's encoder from RESULTS/encoders/RUN.safetensors (kept with the
+    records, in a folder of its own: the export's sidecar RUN.json would otherwise overwrite
+    RUN's record): written when RUN finishes (``export_for_others``), else here the first time;
+    a clear stop if RUN has not finished here."""
     run = STUDY["methods"][method].get("export_before")
     if not run:
         return
-    out = RESULTS / f"{run}.safetensors"
+    out = RESULTS / "encoders" / f"{run}.safetensors"
     if out.exists():
         return
     summary = RUNS / run / "summary.json"
