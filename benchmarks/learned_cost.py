@@ -26,9 +26,9 @@ from mlomae.config import load
 ROOT = common.ROOT.parent
 RANDOM = ("random", "experiments/mae_random.yaml", [])
 LEARNED = {
-    "mlomae 2/1/1 (published)": ("experiments/fashion_mnist.yaml", []),
-    "mlomae 4/1/1": ("experiments/fashion_mnist.yaml", ["problems.pretrain.steps=4"]),
-    "mlomae 4/1/1, mask batch 64": ("experiments/fashion_mnist.yaml",
+    "mlomae 2/1/1 (published)": ("experiments/mlomae_published.yaml", []),
+    "mlomae 4/1/1": ("experiments/mlomae_published.yaml", ["problems.pretrain.steps=4"]),
+    "mlomae 4/1/1, mask batch 64": ("experiments/mlomae_published.yaml",
                                     ["problems.pretrain.steps=4", "+problems.mask.batch_size=64"]),
 }
 
@@ -43,10 +43,10 @@ def horizons() -> dict:
                                                              "+problems.pretrain.warmup_steps="))]
     rows = {}
     for method in ("darts", "neumann", "sama"):
-        rows[f"repaired, {method}, K=4"] = ("experiments/fashion_mnist.yaml",
+        rows[f"repaired, {method}, K=4"] = ("experiments/mlomae_published.yaml",
                                             rep + ["problems.pretrain.steps=4", f"hypergrad.method={method}"])
     for k in (1, 2, 4, 8):
-        rows[f"repaired, unroll, K={k}"] = ("experiments/fashion_mnist.yaml",
+        rows[f"repaired, unroll, K={k}"] = ("experiments/mlomae_published.yaml",
                                             rep + [f"problems.pretrain.steps={k}", "hypergrad.method=unroll"])
     return rows
 

@@ -49,7 +49,7 @@ class Sizes:
     batch: int = 128
     ratio: float = 0.75
     pool: str = "cls"                 # official: the class token
-    head_norm: bool = False           # experiments/fashion_mnist.yaml: BatchNorm (no affine) first
+    head_norm: bool = False           # experiments/mlomae_published.yaml: BatchNorm (no affine) first
     detach_masker_input: bool = False  # official: the masker's gradient reaches the embeddings
     pretrain_steps: int = 2
     finetune_steps: int = 1

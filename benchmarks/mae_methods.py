@@ -1,7 +1,7 @@
 """Question 2: the cost of one outer step of the 3-level MLO-MAE graph per hypergradient method,
 in plain random-mask pretraining steps, broken down by phase.
 
-The graph is the project's (experiments/fashion_mnist.yaml): masker over the MAE's patch
+The graph is the project's (experiments/mlomae_published.yaml): masker over the MAE's patch
 embeddings with its input detached, head (BatchNorm, linear) on mean-pooled features, steps
 2 / 1 / 1; question 3b uses the
 official wiring instead (input not detached, class token) because Betty runs that one.
@@ -92,7 +92,7 @@ def main() -> None:
     args = p.parse_args()
     repeats = common.setup(args)
     methods = args.methods.split(",")
-    # the project's wiring (experiments/fashion_mnist.yaml): masker input detached, head with
+    # the project's wiring (experiments/mlomae_published.yaml): masker input detached, head with
     # BatchNorm on mean-pooled features
     sizes = G.with_sizes(detach_masker_input=True, pool="mean", head_norm=True)
     state, batches = G.initial_state(sizes), G.data(sizes)

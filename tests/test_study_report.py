@@ -197,3 +197,21 @@ def test_a_run_another_method_reads_is_exported_as_soon_as_it_finishes(tmp_path,
     assert [r["seed"] for r in rs.collect()["random"]] == [1]
     rs.export_for_others("random-s1")
     assert len(calls) == 1
+
+
+def test_fashion_mnist_yaml_is_the_studys_repaired_run():
+    """`mlomae run experiments/fashion_mnist.yaml` trains what the study's `mlomae_repaired` trained
+    (the best learned configuration on `mask`): the same models, problems, data and trainer,
+    18750 // 4 outer steps; only the run's name, tracking and evaluations differ."""
+    from mlomae.config import load
+    rs = load_run_study()
+    rs.use_study(ROOT / "benchmarks/study/masking.yaml")
+    spec = rs.STUDY["methods"]["mlomae_repaired"]
+    study = load(ROOT / spec["experiment"], rs.overrides("mlomae_repaired", 0)
+                 + [f"trainer.steps={rs.STUDY['pretrain_steps'] // 4}"]).data
+    ours = load(ROOT / "experiments/fashion_mnist.yaml").data
+    for key in ("models", "problems", "data", "dependencies"):
+        assert ours[key] == study[key], key
+    assert ours["trainer"]["steps"] == 4687
+    assert {k: v for k, v in ours["trainer"].items()} == study["trainer"]
+    assert ours["seed"] == study["seed"] == 0

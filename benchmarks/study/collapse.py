@@ -108,7 +108,7 @@ SATURATION = {  # at the study's size: (masker, its AdamW lr, loss weighting)
 
 def saturation(at: tuple[int, ...] = (1, 5, 10, 20)) -> None:
     """How fast the masker's logits move, from initialisation, at the study's model size
-    (fashion_mnist.yaml: MAE embed 128, depth 4; no augmentation): on one fixed batch, the logits'
+    (mlomae_published.yaml: MAE embed 128, depth 4; no augmentation): on one fixed batch, the logits'
     mean change and spread, the share of saturated probabilities (< 0.01 or > 0.99) and the
     mask agreement after each of the outer steps ``at`` (one masker AdamW step each)."""
     import torch
@@ -121,7 +121,7 @@ def saturation(at: tuple[int, ...] = (1, 5, 10, 20)) -> None:
     print("| masker | init std | " + " | ".join(f"k = {k}" for k in at) + " |")
     print("|---|---|" + "---|" * len(at))
     for name, extra in SATURATION.items():
-        b = build(load(ROOT / "experiments" / "fashion_mnist.yaml", base + extra))
+        b = build(load(ROOT / "experiments" / "mlomae_published.yaml", base + extra))
         pre, mk, mae = b.problems["pretrain"], b.models["masker"], b.models["mae"]
         x = pre.next_batch()[0]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x
