@@ -156,7 +156,24 @@ def test_report_reads_the_kept_records_and_names_each_machine(tmp_path):
     table = rs.report()
     assert "| mae_random | 2 | 84.50 ± 0.71 | 10.00 ± 0.00 | – |" in table
     assert "Trained on A: mae_random-s0, mae_random-s1; B: mlomae-s0." in table
-    assert "| mlomae | 1 | +1.50 | 1.00 (1 seed) |" in table
+    # no mae_random run on B: mlomae-s0 has a paired difference but no time ratio
+    assert "| mlomae | 1 | +1.50 | – |" in table
+
+
+def test_time_ratio_divides_by_the_baselines_mean_on_the_same_machine():
+    """Times compare within a machine only: each run's minutes over the mean of the baseline's
+    runs on its machine (A: 40 and 50, mean 45; B: 90), whatever their seeds."""
+    rs = load_run_study()
+    rs.STUDY["methods"] = {"mae_random": {}, "mlomae": {}}
+
+    def on(machine, seed, minutes):
+        return {**run(seed, 85.0, minutes), "machine": machine}
+    rows = {"mae_random": [on("A", 0, 40.0), on("A", 1, 50.0), on("B", 2, 90.0)],
+            "mlomae": [on("A", 0, 90.0), on("B", 1, 180.0), on("B", 2, 135.0)]}
+    table = rs.paired(rows, {"linear_top1": "linear"})
+    line = [x for x in table.splitlines() if x.startswith("| mlomae |")][0]
+    # ratios 90/45 = 2.0, 180/90 = 2.0, 135/90 = 1.5: mean 1.83, sample std 0.29
+    assert line == "| mlomae | 3 | +0.00 ± 0.00 | 1.83 ± 0.29 |"
 
 
 def test_a_run_another_method_reads_is_exported_as_soon_as_it_finishes(tmp_path, monkeypatch):

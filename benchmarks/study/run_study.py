@@ -293,11 +293,17 @@ def machines(rows: dict) -> str:
 
 def paired(rows: dict, metrics: dict, base: str | None = None) -> str:
     """Each method minus ``base`` on the same seed, mean ± std over the seeds both have
-    finished, and the pretraining time ratio: the comparison the study's goal is stated in."""
+    finished (the comparison the study's goal is stated in), and the pretraining time ratio:
+    each of those runs' minutes over the mean of ``base``'s runs *on the same machine* (a run
+    whose machine trained no ``base`` run has no ratio: times compare only within a machine)."""
     base = base or STUDY.get("baseline", "mae_random")
     by_seed = {r["seed"]: r for r in rows.get(base, [])}
+    base_minutes: dict = {}
+    for b in rows.get(base, []):
+        base_minutes.setdefault(b.get("machine"), []).append(b["train_minutes"])
     keys = [m for m in metrics if not m.endswith("_pixels_top1")]
-    lines = [f"Difference from {base} on the same seed (points; time as a ratio):", "",
+    lines = [f"Difference from {base} on the same seed (points; time as a ratio to {base} "
+             f"on the same machine):", "",
              "| method | seeds | " + " | ".join(metrics[m] for m in keys) + " | time ratio |",
              "|" + "---|" * (len(keys) + 3)]
     for method in STUDY["methods"]:
@@ -311,8 +317,8 @@ def paired(rows: dict, metrics: dict, base: str | None = None) -> str:
             ds = [r["eval"][m] - b["eval"][m] for r, b in pairs
                   if m in r.get("eval", {}) and m in b.get("eval", {})]
             cells.append(mean_std(ds, signed=True))
-        ratio = mean_std([r["train_minutes"] / b["train_minutes"] for r, b in pairs
-                          if b["train_minutes"] > 0])
+        ratio = mean_std([r["train_minutes"] / statistics.mean(base_minutes[r.get("machine")])
+                          for r, _ in pairs if r.get("machine") in base_minutes])
         lines.append(f"| {method} | {len(pairs)} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)
 
