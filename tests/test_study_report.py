@@ -151,7 +151,7 @@ def test_report_reads_the_kept_records_and_names_each_machine(tmp_path):
         (tmp_path / f"{name}-s{seed}.json").write_text(json.dumps(
             {"method": name, "seed": seed, "status": "FINISHED", "eval": {"linear_top1": lin},
              "train_minutes": 10.0, "machine": machine}))
-    rows = rs.collect()
+    rows = rs.records.collect(rs.RESULTS)
     assert [r["seed"] for r in rows["mae_random"]] == [0, 1]
     table = rs.report()
     assert "| mae_random | 2 | 84.50 ± 0.71 | 10.00 ± 0.00 | – |" in table
@@ -211,7 +211,7 @@ def test_a_run_another_method_reads_is_exported_as_soon_as_it_finishes(tmp_path,
     assert calls[0][-1] == str(out)
     assert load_timm(out).embed_dim == 32
     assert (rs.RESULTS / "random-s1.json").read_text() == record
-    assert [r["seed"] for r in rs.collect()["random"]] == [1]
+    assert [r["seed"] for r in rs.records.collect(rs.RESULTS)["random"]] == [1]
     rs.export_for_others("random-s1")
     assert len(calls) == 1
 
@@ -232,3 +232,30 @@ def test_fashion_mnist_yaml_is_the_studys_repaired_run():
     assert ours["trainer"]["steps"] == 4687
     assert {k: v for k, v in ours["trainer"].items()} == study["trainer"]
     assert ours["seed"] == study["seed"] == 0
+
+
+def test_a_record_keeps_training_time_alone_and_its_first_machine_and_date(tmp_path):
+    """records.save: train_seconds 1500 -> 25.0 minutes (not the 1800 s wall time, which counts
+    the evaluations); the heat map is copied beside the record; re-saving after a later
+    evaluation keeps the machine and date of the first record and takes the new evaluation."""
+    import json
+    rs = load_run_study()
+    rd, results = tmp_path / "runs" / "random-s2", tmp_path / "results"
+    (rd / "pictures").mkdir(parents=True)
+    (rd / "pictures" / "mask_heatmap.png").write_bytes(b"png")
+    summary = {"status": "FINISHED", "train_seconds": 1500.0, "wall_time_seconds": 1800.0,
+               "eval": {"linear_top1": 88.33}, "final_metrics": {"pretrain/loss": 0.5, "note": "x"},
+               "outer_steps": 4687, "problem_steps": {"pretrain": 18748}, "precision": "bf16"}
+    rec = rs.records.save(rd, summary, results)
+    assert (rec["method"], rec["seed"], rec["train_minutes"]) == ("random", 2, 25.0)
+    assert rec["final_metrics"] == {"pretrain/loss": 0.5}
+    assert (results / "random-s2-heatmap.png").read_bytes() == b"png"
+    kept = json.loads((results / "random-s2.json").read_text())
+    assert kept == rec
+    kept.update(machine="the first machine", date="2026-12-01")
+    (results / "random-s2.json").write_text(json.dumps(kept))
+    again = rs.records.save(rd, {**summary, "eval": {"linear_top1": 88.33, "knn_top1": 87.3}},
+                            results)
+    assert (again["machine"], again["date"]) == ("the first machine", "2026-12-01")
+    assert again["eval"] == {"linear_top1": 88.33, "knn_top1": 87.3}
+    assert rs.records.collect(results) == {"random": [again]}

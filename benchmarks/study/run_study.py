@@ -13,7 +13,7 @@ is simply started again: finished runs are skipped, interrupted ones resume from
 checkpoint. Every run is tracked in the MLflow experiment `study`. The test split is read only
 by the final evaluations; nothing is selected on it.
 
-What the tables read from a finished run is kept apart from its folder, in a file meant to be
+What the tables read from a finished run is kept apart from its folder (records.py), in a file meant to be
 committed: benchmarks/study/results/EXPERIMENT/METHOD-sSEED.json (its evaluations, final metrics,
 training minutes and the machine that trained it) beside its mask heat map, so a study that
 takes many days survives a new clone. A run with such a record counts as finished; delete the
@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 HERE = Path(__file__).resolve().parent
 from mlomae.config import load_yaml  # noqa: E402  (after the path is set)
+
+sys.path.insert(0, str(HERE))
+import records  # noqa: E402  (benchmarks/study/records.py: what a finished run leaves)
 
 STUDY: dict = {}
 RUNS = HERE / "runs"
@@ -141,7 +144,7 @@ def run_one(method: str, seed: int) -> dict:
     rd = RUNS / f"{method}-s{seed}"
     summary = rd / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "FINISHED":
-        rec = save_record(rd, evaluate_missing(rd, json.loads(summary.read_text())))
+        rec = records.save(rd, evaluate_missing(rd, json.loads(summary.read_text())), RESULTS)
         export_for_others(rd.name)
         return rec
     kept = RESULTS / f"{method}-s{seed}.json"
@@ -165,78 +168,9 @@ def run_one(method: str, seed: int) -> dict:
           f"{' (resuming)' if resume else ''}", flush=True)
     out = Runner(cfg, run_dir=rd, resume=resume).run()
     if out.get("status") == "FINISHED":
-        save_record(rd, out)
+        records.save(rd, out, RESULTS)
         export_for_others(rd.name)
     return out
-
-
-def machine() -> str:
-    """This machine in a few words (the benchmarks' own description): CPU, cores, bf16 units."""
-    sys.path.insert(0, str(HERE.parent))
-    import common
-    m = common.machine(threads=0)
-    return f"{m['cpu']}, {m['nproc']} cores ({m['cpu_flags']})"
-
-
-def save_record(rd: Path, summary: dict) -> dict:
-    """Keep what the tables read from the finished run in ``rd`` as RESULTS/NAME.json (and its
-    mask heat map as RESULTS/NAME-heatmap.png), written whole or not at all. The machine and
-    date of a record already there are kept (a later evaluation does not retrain)."""
-    import datetime
-    import shutil
-    from mlomae.tracking import atomic_write_text
-    method, seed = rd.name.rsplit("-s", 1)
-    path = RESULTS / f"{rd.name}.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    rec = {"method": method, "seed": int(seed), "status": "FINISHED",
-           "eval": summary.get("eval") or {},
-           "final_metrics": {k: v for k, v in (summary.get("final_metrics") or {}).items()
-                             if isinstance(v, (int, float))},
-           "train_minutes": train_minutes(summary, rd),
-           "outer_steps": summary.get("outer_steps"), "problem_steps": summary.get("problem_steps"),
-           "precision": summary.get("precision"),
-           "machine": old.get("machine") or machine(),
-           "date": old.get("date") or datetime.date.today().isoformat()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    heat = rd / "pictures" / "mask_heatmap.png"
-    if heat.exists():
-        shutil.copyfile(heat, RESULTS / f"{rd.name}-heatmap.png")
-    atomic_write_text(path, json.dumps(rec, indent=1, sort_keys=True) + "\n")
-    return rec
-
-
-def sync_records() -> None:
-    """A record for every finished run folder that has none, or an older one."""
-    for rd in sorted(RUNS.glob("*-s*")):
-        s = rd / "summary.json"
-        if s.exists() and json.loads(s.read_text()).get("status") == "FINISHED":
-            rec = RESULTS / f"{rd.name}.json"
-            if not rec.exists() or rec.stat().st_mtime < s.stat().st_mtime:
-                save_record(rd, json.loads(s.read_text()))
-
-
-def collect() -> dict:
-    """The study's finished runs, from their records: {method: [record, ...]} by seed."""
-    rows: dict = {}
-    for path in sorted(RESULTS.glob("*-s*.json")):
-        d = json.loads(path.read_text())
-        if d.get("status") == "FINISHED":
-            rows.setdefault(d["method"], []).append(d)
-    for runs in rows.values():
-        runs.sort(key=lambda r: r["seed"])
-    return rows
-
-
-def train_minutes(rd_summary: dict, rd: Path) -> float:
-    """Training time alone (no evaluation): the summary's train_seconds, or the wall time saved
-    in the run's final checkpoint (taken when training ended)."""
-    if rd_summary.get("train_seconds"):
-        return rd_summary["train_seconds"] / 60
-    from mlomae import checkpoint
-    found = checkpoint.load_latest(rd / "checkpoints")
-    if found is not None and "wall_time" in found[1]:
-        return float(found[1]["wall_time"]) / 60
-    return rd_summary["wall_time_seconds"] / 60
 
 
 def mean_std(xs: list[float], signed: bool = False) -> str:
@@ -260,7 +194,7 @@ def agreement(run: dict) -> float | None:
 def report() -> str:
     """The markdown table: mean ± std over finished seeds per method, the pretraining wall time,
     and where a masker learns, its final mask agreement (1 = one mask for every image)."""
-    rows = collect()
+    rows = records.collect(RESULTS)
     metrics = STUDY["report_metrics"]
     head = ("| method | seeds | " + " | ".join(metrics.values())
             + " | pretraining time (min) | mask agreement |")
@@ -331,7 +265,7 @@ def plots() -> list[Path]:
     import matplotlib.pyplot as plt
     out_dir = HERE / STUDY.get("plots", "plots")
     out_dir.mkdir(exist_ok=True)
-    rows = collect()
+    rows = records.collect(RESULTS)
     methods = [m for m in STUDY["methods"] if rows.get(m)]
     metrics = STUDY["report_metrics"]
     if not methods or not any(k in r.get("eval", {}) for m in methods for r in rows[m] for k in metrics):
@@ -448,7 +382,7 @@ def main() -> int:
                           f"resumes it", flush=True)
                     return rc if rc > 0 else 128 - rc
                 print(f"   done in {(time.time() - t0) / 60:.1f} min", flush=True)
-    sync_records()
+    records.sync(RUNS, RESULTS)
     table = report()
     print(table)
     if args.write_results:
