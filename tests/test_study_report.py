@@ -230,7 +230,7 @@ def test_fashion_mnist_yaml_is_the_studys_repaired_run():
     for key in ("models", "problems", "data", "dependencies"):
         assert ours[key] == study[key], key
     assert ours["trainer"]["steps"] == 4687
-    assert {k: v for k, v in ours["trainer"].items()} == study["trainer"]
+    assert ours["trainer"] == study["trainer"]
     assert ours["seed"] == study["seed"] == 0
 
 

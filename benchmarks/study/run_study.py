@@ -16,8 +16,8 @@ by the final evaluations; nothing is selected on it.
 What the tables read from a finished run is kept apart from its folder (records.py), in a file
 meant to be committed: benchmarks/study/results/EXPERIMENT/METHOD-sSEED.json (its evaluations,
 final metrics, training minutes and the machine that trained it) beside its mask heat map, so a
-study that takes many days survives a new clone. A run with such a record counts as finished; delete the
-record to train it again.
+study that takes many days survives a new clone. A run with such a record counts as finished;
+delete the record to train it again.
 """
 
 from __future__ import annotations
