@@ -41,11 +41,16 @@ def scores(run_dir: Path, step: int | None, batch: int = 256) -> dict[str, float
         count = int(round(float(masks[0].sum())))
         real = random_rect_masks(grid.shape[0], (gh, gw), None, count=count,
                                  aspect=disc.aspect).to(grid.dtype)
-        cases = {"as generated": grid, "flipped left-right": grid.flip(2),
-                 "flipped up-down": grid.flip(1), "rotated 180": grid.flip(1).flip(2),
-                 "real rectangles": real}
-        out = {k: float(disc.module(v).mean()) for k, v in cases.items()}
+        out = {**flip_scores(disc.module, grid), "real rectangles": float(disc.module(real).mean())}
     return {"outer_step": int(state["engine"]["outer_step"]), "learned_patches": count, **out}
+
+
+def flip_scores(disc, grid: torch.Tensor) -> dict[str, float]:
+    """``disc``'s mean score on masks [N, gh, gw] as they are and flipped three ways."""
+    cases = {"as generated": grid, "flipped left-right": grid.flip(2),
+             "flipped up-down": grid.flip(1), "rotated 180": grid.flip(1).flip(2)}
+    with torch.no_grad():
+        return {k: float(disc(v).mean()) for k, v in cases.items()}
 
 
 def main() -> int:
