@@ -26,22 +26,25 @@ def scores(run_dir: Path, step: int | None, batch: int = 256) -> dict[str, float
     from mlomae.build import build
     from mlomae.check import load_run_checkpoint
     from mlomae.models.masking import random_rect_masks
+    from problems.discriminator import Discriminator
     cfg, _, state = load_run_checkpoint(run_dir, step, ["evaluation=[]"])
     eng = build(cfg).engine
     eng.load_state_dict(state["engine"])
-    discs = [p for p in eng.problems.values() if hasattr(p, "fake_and_real")]
+    discs = [p for p in eng.problems.values() if isinstance(p, Discriminator)]
     if not discs:
         raise ValueError(f"{run_dir}: no discriminator problem in this run")
     disc = discs[0]
     imgs = disc.next_batch()[0][:batch]
     with torch.no_grad():
-        masks = eng.problems[disc.generator].generate(imgs).learned_mask.detach()
-        gh, gw = disc.module.grid_size
-        grid = masks.view(-1, gh, gw)
-        count = int(round(float(masks[0].sum())))
-        real = random_rect_masks(grid.shape[0], (gh, gw), None, count=count,
-                                 aspect=disc.aspect).to(grid.dtype)
-        out = {**flip_scores(disc.module, grid), "real rectangles": float(disc.module(real).mean())}
+        masks = eng.problems[disc.generator].generate(imgs).learned_mask
+    gh, gw = disc.module.grid_size
+    grid = masks.view(-1, gh, gw)
+    count = int(round(float(masks[0].sum())))
+    real = random_rect_masks(grid.shape[0], (gh, gw), None, count=count,
+                             aspect=disc.aspect).to(grid.dtype)
+    out = flip_scores(disc.module, grid)
+    with torch.no_grad():
+        out["real rectangles"] = float(disc.module(real).mean())
     return {"outer_step": int(state["engine"]["outer_step"]), "learned_patches": count, **out}
 
 
