@@ -30,6 +30,15 @@ def test_signal_share_by_hand():
     # halves: mean of row 1 = (2, 0), of rows 2-3 = (0.5, 1): dot 1, norms 2 and sqrt(1.25)
     assert s["split_half_cosine"] == pytest.approx(1 / (2 * math.sqrt(1.25)), abs=1e-15)
     assert s["mean_norm"] == pytest.approx((2 + 1 + math.sqrt(2)) / 3, abs=1e-15)
+    # squared norms 4, 1, 2: the first carries 4/7 of their sum
+    assert s["top_batch_share"] == pytest.approx(4 / 7, abs=1e-15)
+
+
+def test_per_batch_record_by_hand():
+    pb = load_signal().per_batch(torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    assert pb["norms"] == [2.0, 1.0, 1.414]
+    r = 0.7071   # 1/sqrt2 to 4 significant digits
+    assert pb["cosines"] == [[1.0, 0.0, r], [0.0, 1.0, r], [r, r, 1.0]]
 
 
 def test_signal_share_extremes():

@@ -65,7 +65,16 @@ def signal_stats(g: torch.Tensor) -> dict[str, float]:
     return {"batches": n, "mean_norm": float(norms.mean()), "signal_share": rho,
             "batches_to_half_signal": (1 - rho) / rho if rho > 0 else math.inf,
             "pairwise_cosine": pairwise, "successive_cosine": successive,
-            "split_half_cosine": half}
+            "split_half_cosine": half, "top_batch_share": float(sq.max() / sq.sum())}
+
+
+def per_batch(g: torch.Tensor) -> dict[str, list]:
+    """Every row's norm and the cosine matrix of the rows (4 significant digits), for the record."""
+    g = g.double()
+    norms = g.norm(dim=1)
+    cos = (g @ g.T) / (norms[:, None] * norms[None, :]).clamp_min(1e-300)
+    return {"norms": [float(f"{x:.4g}") for x in norms.tolist()],
+            "cosines": [[float(f"{x:.4g}") for x in row] for row in cos.tolist()]}
 
 
 def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
@@ -179,6 +188,7 @@ def main() -> int:
         return 2
     out = {"run": args.run_dir.name, "outer_step": step, "problem": args.problem,
            "pretrain_lr": lr, "signal": stats,
+           "per_batch": {k: per_batch(v) for k, v in g.items()},
            "agreement": {f"{a} / {b}": agreement(g[a], g[b])
                          for i, a in enumerate(g) for b in list(g)[i + 1:]},
            "seconds": time.time() - t0}
@@ -189,6 +199,10 @@ def main() -> int:
     print("|---" * (len(keys) + 1) + "|")
     for label, s in stats.items():
         print(f"| {label} | " + " | ".join(f"{s[k]:.4g}" for k in keys) + " |")
+    for label, pb in out["per_batch"].items():
+        ns = sorted(pb["norms"])
+        print(f"{label}: batch norms min {ns[0]:.4g}, median {ns[len(ns) // 2]:.4g}, "
+              f"max {ns[-1]:.4g}")
     for m, a in out["agreement"].items():
         print(f"{m}: per-batch cosine {a['batch_cosine']:.4f}, "
               f"cosine of the means {a['mean_cosine']:.4f}, signal cosine {a['signal_cosine']:.4f}")
