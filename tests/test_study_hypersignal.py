@@ -32,6 +32,26 @@ def test_signal_share_by_hand():
     assert s["mean_norm"] == pytest.approx((2 + 1 + math.sqrt(2)) / 3, abs=1e-15)
     # squared norms 4, 1, 2: the first carries 4/7 of their sum
     assert s["top_batch_share"] == pytest.approx(4 / 7, abs=1e-15)
+    # g^T g = [[5, 1], [1, 2]]: eigenvalues (7 +- sqrt 13) / 2 over the trace 7
+    assert s["top_direction_share"] == pytest.approx((7 + math.sqrt(13)) / 14, abs=1e-14)
+
+
+def test_top_direction_by_parameter():
+    sig = load_signal()
+    # nearly one axis, its sign flipping: along the third entry (parameter "b")
+    g = torch.tensor([[0.0, 0.0, 3.0], [0.1, 0.0, -2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    shares = sig.top_direction(g, [("a", 2), ("b", 1)])
+    assert list(shares) == ["b", "a"]
+    # g^T g on entries (1, 3) = [[0.01, -0.2], [-0.2, 14]] (entry 2 is 0): its top eigenvalue
+    # by the 2 x 2 formula, eigenvector (0.2 / (lam - 0.01), 1) up to scale
+    t, d = 14.01, 0.01 * 14 - 0.04
+    lam = t / 2 + math.sqrt(t * t / 4 - d)
+    a = (0.2 / (lam - 0.01)) ** 2
+    assert shares["a"] == pytest.approx(a / (1 + a), abs=1e-12)
+    assert shares["b"] == pytest.approx(1 / (1 + a), abs=1e-12)
+    assert sig.signal_stats(g)["top_direction_share"] == pytest.approx(lam / t, abs=1e-12)
+    with pytest.raises(ValueError, match="add up to 2"):
+        sig.top_direction(g, [("a", 2)])
 
 
 def test_per_batch_record_by_hand():

@@ -18,7 +18,18 @@ checkpoint left it while the MAE moves on as it would have. With g_1 .. g_N the 
   part is as large as its noise part;
 - the mean pairwise and the mean successive cosine (the latter is what the runs log as
   ``mask/hypergrad_cosine``), and the cosine between the means of the first and the second half
-  of the batches (split-half agreement of the mean direction).
+  of the batches (split-half agreement of the mean direction);
+- *top-direction share* lambda_1 / sum_k lambda_k, the eigenvalues of the N x N Gram matrix
+  g_i . g_j: the share of the squared norm along the one direction that carries most of it.
+  Near 1 beside a signal share near 0 means one axis whose sign flips from batch to batch: the
+  means of any two sets of batches then lie on that axis too, so their cosine is near +-1
+  whatever the signal (the split-half cosine tells nothing there);
+- *top-batch share* max_i |g_i|^2 / sum_i |g_i|^2: near 1/N when the batches weigh alike, near 1
+  when one batch carries the squared norm.
+
+``--save`` also keeps every batch's norm, the N x N cosine matrix (``per_batch``) and, for the
+top direction, the share of its squared norm in each of the problem's parameter tensors
+(``top_direction``): which part of the masker the batch-to-batch axis moves.
 
 ``--methods unroll`` takes the exact hypergradient (through the same K pretraining steps) at each
 of the same states beside the run's own method: its signal share, and against the run's method
@@ -65,7 +76,23 @@ def signal_stats(g: torch.Tensor) -> dict[str, float]:
     return {"batches": n, "mean_norm": float(norms.mean()), "signal_share": rho,
             "batches_to_half_signal": (1 - rho) / rho if rho > 0 else math.inf,
             "pairwise_cosine": pairwise, "successive_cosine": successive,
-            "split_half_cosine": half, "top_batch_share": float(sq.max() / sq.sum())}
+            "split_half_cosine": half, "top_batch_share": float(sq.max() / sq.sum()),
+            "top_direction_share": float(torch.linalg.eigvalsh(dots)[-1] / sq.sum())}
+
+
+def top_direction(g: torch.Tensor, names: list[tuple[str, int]]) -> dict[str, float]:
+    """Where the rows' top direction (the first right singular vector of ``g``) lives: the share
+    of its squared norm in each parameter tensor, ``names`` = (name, numel) in ``g``'s column
+    order, largest first."""
+    if sum(k for _, k in names) != g.shape[1]:
+        raise ValueError(f"the parameters' sizes add up to {sum(k for _, k in names)}, "
+                         f"the hypergradients have {g.shape[1]} entries")
+    u = torch.linalg.svd(g.double(), full_matrices=False).Vh[0]
+    shares, at = {}, 0
+    for name, k in names:
+        shares[name] = float(u[at:at + k].square().sum())
+        at += k
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
 def per_batch(g: torch.Tensor) -> dict[str, list]:
@@ -79,8 +106,9 @@ def per_batch(g: torch.Tensor) -> dict[str, list]:
 
 def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
                    methods: list[str], threads: int, also: dict[str, list[str]] | None = None
-                   ) -> tuple[int, dict[str, torch.Tensor], float]:
-    """(outer step of the checkpoint, {label: N x D hypergradients}, pretraining lr there).
+                   ) -> tuple[int, dict[str, torch.Tensor], float, list[tuple[str, int]]]:
+    """(outer step of the checkpoint, {label: N x D hypergradients}, pretraining lr there,
+    the problem's parameters as (name, numel) in the hypergradients' column order).
 
     ``configured`` is the run's own method; every other method (``mlomae.check.with_method``:
     that method on every dependency) is taken at the same N states, each from the same
@@ -130,7 +158,8 @@ def hypergradients(run_dir: Path, step: int | None, problem: str, batches: int,
         raise ValueError(f"{run_dir}: every hypergradient of {problem!r} is zero at outer step "
                          f"{state['engine']['outer_step']} (inside the masker's random warm-up, or "
                          f"a pretraining lr of {lr:g}?): take a later --step")
-    return int(state["engine"]["outer_step"]), g, float(lr)
+    names = [(n, q.numel()) for n, q in driver.problems[problem].named_params()]
+    return int(state["engine"]["outer_step"]), g, float(lr), names
 
 
 def _off_diagonal_mean(m: torch.Tensor) -> torch.Tensor:
@@ -180,7 +209,7 @@ def main() -> int:
             return 2
         also[label] = ovs.split(";")
     try:
-        step, g, lr = hypergradients(args.run_dir, args.step, args.problem, args.batches,
+        step, g, lr, names = hypergradients(args.run_dir, args.step, args.problem, args.batches,
                                      methods, args.threads, also)
         stats = {k: signal_stats(v) for k, v in g.items()}
     except (MlomaeError, ValueError) as e:
@@ -189,6 +218,7 @@ def main() -> int:
     out = {"run": args.run_dir.name, "outer_step": step, "problem": args.problem,
            "pretrain_lr": lr, "signal": stats,
            "per_batch": {k: per_batch(v) for k, v in g.items()},
+           "top_direction": {k: top_direction(v, names) for k, v in g.items()},
            "agreement": {f"{a} / {b}": agreement(g[a], g[b])
                          for i, a in enumerate(g) for b in list(g)[i + 1:]},
            "seconds": time.time() - t0}
@@ -202,7 +232,8 @@ def main() -> int:
     for label, pb in out["per_batch"].items():
         ns = sorted(pb["norms"])
         print(f"{label}: batch norms min {ns[0]:.4g}, median {ns[len(ns) // 2]:.4g}, "
-              f"max {ns[-1]:.4g}")
+              f"max {ns[-1]:.4g}; top direction in " + ", ".join(
+                  f"{n} {v:.3f}" for n, v in list(out["top_direction"][label].items())[:3]))
     for m, a in out["agreement"].items():
         print(f"{m}: per-batch cosine {a['batch_cosine']:.4f}, "
               f"cosine of the means {a['mean_cosine']:.4f}, signal cosine {a['signal_cosine']:.4f}")
