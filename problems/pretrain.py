@@ -135,8 +135,10 @@ class MaskingSpec:
             return hasattr(masker, "patch_embed")
         return self.masker_input == "images"
 
-    def logits(self, imgs: Tensor, mae: nn.Module, masker: nn.Module) -> Tensor:
-        """The masker's patch logits [N, L].
+    def logits(self, imgs: Tensor, mae: nn.Module, masker: nn.Module,
+               embeddings: Tensor | None = None) -> Tensor:
+        """The masker's patch logits [N, L] (``embeddings``: the MAE's embeddings of ``imgs``
+        when the caller holds them).
 
         Over MAE embeddings, ``detach_masker_input`` (default true) stops the pretraining loss
         from training the MAE's patch embedding *through the masker*: with the loss multiplied
@@ -147,7 +149,7 @@ class MaskingSpec:
         if self.reads_images(masker):
             x = imgs
         else:
-            x = mae.embed_patches(imgs)                            # [N, L, D]
+            x = mae.embed_patches(imgs) if embeddings is None else embeddings   # [N, L, D]
             x = x.detach() if self.detach_masker_input else x
         # maskers expose logits(x); a generator's forward returns logits itself
         return masker.logits(x) if hasattr(masker, "logits") else masker(x)
@@ -177,8 +179,9 @@ class MaskingSpec:
                                torch.zeros_like(s))
 
     def make(self, imgs: Tensor, mae: nn.Module, masker: nn.Module | None = None,
-             boxes: Tensor | None = None) -> Masking:
-        """One ``Masking`` for images [N, C, H, W]. Randomness from torch's global generator."""
+             boxes: Tensor | None = None, embeddings: Tensor | None = None) -> Masking:
+        """One ``Masking`` for images [N, C, H, W]. Randomness from torch's global generator;
+        ``embeddings`` as in ``logits``."""
         N, L = imgs.shape[0], mae.num_patches
         if self.mode == "random" and not self.throw:
             return random_masking(N, L, self.ratio, device=imgs.device)
@@ -195,7 +198,7 @@ class MaskingSpec:
             return object_prior_masking(boxes, mae.grid_size, mae.patch_size, self.ratio, self.beta)
         if masker is None:
             raise ValueError(f"masking '{self.mode}' needs a masker")
-        logits = self.logits(imgs, mae, masker)                    # [N, L]
+        logits = self.logits(imgs, mae, masker, embeddings)        # [N, L]
         if self.prior_weight:
             logits = logits + self.prior_weight * self.prior(imgs, mae).to(logits.dtype)
         if self.mode == "gumbel":
@@ -289,6 +292,7 @@ class Reconstruction(Problem):
         # the warm-up's masks: random, same ratio and throwing
         self.warmup_spec = MaskingSpec("random", mask_ratio, throw=float(throw), score=score)
         self.masker = masker
+        self._held: tuple[Tensor, Tensor] | None = None   # (images, masker input) of the step
         if self.spec.learned and masker not in self.reads:
             raise ValueError(f"masking '{masking}' reads the masker of problem '{masker}': add "
                              f"it to problems.{self.name}.reads")
@@ -328,9 +332,11 @@ class Reconstruction(Problem):
     def mask_ratio(self) -> float:
         return self.spec.ratio
 
-    def masking_for(self, imgs: Tensor, boxes: Tensor | None = None) -> Masking:
+    def masking_for(self, imgs: Tensor, boxes: Tensor | None = None,
+                    hold: bool = False) -> Masking:
         """The masks this problem would train on for ``imgs`` [N, C, H, W] (same mode, same
-        masker); wrap in ``torch.no_grad()`` when only looking."""
+        masker); wrap in ``torch.no_grad()`` when only looking. ``hold``: the loss's own call,
+        which keeps the masker's input for re-evaluations (``masker_input``)."""
         masker = self.read(self.masker) if self.spec.learned else None
         if self.spec.mode in ("guided", "mlo") and self.step_count < self.warmup_steps:
             return self.warmup_spec.make(imgs, self.module)
@@ -338,7 +344,28 @@ class Reconstruction(Problem):
         if spec.mode == "guided" and self.ramp_steps:
             done = min(1.0, (self.step_count - self.warmup_steps) / self.ramp_steps)
             spec = replace(spec, random_share=1.0 - (1.0 - spec.random_share) * done)
-        return spec.make(imgs, self.module, masker, boxes)
+        held = self.masker_input(imgs, masker, hold) if masker is not None else None
+        return spec.make(imgs, self.module, masker, boxes, held)
+
+    def masker_input(self, imgs: Tensor, masker: nn.Module, hold: bool = False) -> Tensor | None:
+        """The MAE's embeddings of ``imgs`` as the masker reads them, where it reads them
+        detached (None otherwise: the masker reads the images, or the embeddings with their
+        gradient). Detached, they are data to the masker, as the images are, and the loss's
+        dependence on the MAE's parameters through them is cut. A finite difference re-evaluates
+        the loss at the MAE's parameters moved by +-eps v, and freshly computed embeddings
+        would move with them, and with them the masker's logits and its sampled or top-k masks:
+        it would difference a path no gradient has (and a mask that flips between the two
+        evaluations makes it O(1/eps)). So the loss's call (``hold``) keeps its embeddings, and
+        a re-evaluation of that batch (``replaying``) reads them instead of recomputing."""
+        if not self.spec.detach_masker_input or self.spec.reads_images(masker):
+            return None
+        if self.replaying and self._held is not None and self._held[0] is imgs:
+            return self._held[1]
+        with torch.no_grad():
+            x = self.module.embed_patches(imgs)
+        if hold and not self.replaying:
+            self._held = (imgs, x)
+        return x
 
     def reconstruct(self, imgs: Tensor, masking: Masking | None = None,
                     boxes: Tensor | None = None) -> Reconstructed:
@@ -350,7 +377,7 @@ class Reconstruction(Problem):
     # -- the level's loss -------------------------------------------------------------------
     def loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         imgs, _, boxes = split_batch(batch)
-        out = self.reconstruct(imgs, boxes=boxes)
+        out = self.reconstruct(imgs, self.masking_for(imgs, boxes, hold=True))
         m = out.masking
         logs = {"masked_patch_loss": ((out.per_patch * m.mask).sum() / m.mask.sum()).detach()}
         if self.spec.mode != "random" or self.spec.throw:

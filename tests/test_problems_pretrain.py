@@ -115,6 +115,35 @@ def test_detach_masker_input_decides_whether_pretraining_trains_it(detach):
         assert float((g - g_const).norm()) > 1e-6 * float(g_const.norm())
 
 
+def test_replay_holds_the_detached_masker_input():
+    """The loss keeps the embeddings its masker read. Replaying that batch (a finite difference's
+    re-evaluation) with the MAE moved gives the step's masks and weights exactly: the detached
+    input is data to the masker. A fresh call reads the moved embeddings, and a replay of any
+    other batch computes its own."""
+    masker = tiny_masker()
+    p = pretrain("mlo", masker=masker)
+    x = images()
+    p.loss((x, None))
+    step = p.masking_for(x)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for q in p.module.parameters():
+            q.add_(0.5 * torch.randn(q.shape, generator=gen, dtype=q.dtype))
+    with p.replay():
+        assert p.replaying
+        replayed = p.masking_for(x)
+        other = images(seed=1)
+        assert torch.equal(p.masker_input(other, masker), p.module.embed_patches(other).detach())
+    assert not p.replaying
+    assert torch.equal(replayed.mask, step.mask) and torch.equal(replayed.weights, step.weights)
+    moved = p.masker_input(x, masker)
+    assert torch.equal(moved, p.module.embed_patches(x).detach())
+    assert not torch.equal(moved, p._held[1])
+    assert not torch.equal(p.masking_for(x).weights, step.weights)
+    # the official wiring (gradient through the input) holds nothing
+    assert pretrain("mlo", masker=masker, detach_masker_input=False).masker_input(x, masker) is None
+
+
 def test_reconstruct_is_the_interface_for_pictures():
     """``reconstruct(imgs)`` -> Reconstructed(loss, pred [N, L, p*p*C], per_patch [N, L],
     masking); the loss is the MAE's own under that masking."""

@@ -337,7 +337,7 @@ class Engine:
         precise = method.precise_loss or self.scaling
 
         def loss_fn() -> Tensor:
-            with rng.replay(q.last_rng, self._cuda):
+            with rng.replay(q.last_rng, self._cuda), q.replay():
                 return self.evaluate(q, q.last_batch, autocast=not precise)[0]
 
         return LowerLevel(params=self.params_of(q), loss=loss_fn, lr=q.lr, reduce=self.reducer.mean,

@@ -7,6 +7,7 @@ problems its loss reads. The engine decides when it steps and how gradients flow
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -37,6 +38,11 @@ class Problem:
     first_order_reads: bool = False
     # True: the problem's loader applies the pretraining augmentation.
     augment: bool = False
+    # True while the engine re-evaluates ``last_batch`` for a hypergradient, at parameters a
+    # method moved off the step's (a finite difference): a loss that holds an input fixed per
+    # batch (a detached feature of its own module, which no gradient follows) gives it the
+    # value of the batch's step, so that the re-evaluation does not move it either.
+    replaying: bool = False
 
     def __init__(self, name: str, module: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
                  scheduler: Any = None, data: Iterable | None = None, steps: int = 1,
@@ -82,6 +88,15 @@ class Problem:
                              f"add it to problems.{self.name}.reads") from None
 
     # -- what the engine uses -------------------------------------------------------------
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """``replaying`` is True inside."""
+        was, self.replaying = self.replaying, True
+        try:
+            yield
+        finally:
+            self.replaying = was
+
     def _connect(self, peers: Mapping[str, "Problem"]) -> None:
         """Give the problem its peers (the problems in ``reads``) and check :meth:`needs`."""
         self._peers = dict(peers)
