@@ -360,7 +360,9 @@ class Reconstruction(Problem):
         if not self.spec.detach_masker_input or self.spec.reads_images(masker):
             return None
         if self.replaying and self._held is not None and self._held[0] is imgs:
-            return self._held[1]
+            # the step may have run under autocast and a re-evaluation in full precision: give
+            # the masker its parameters' dtype, as a fresh computation there would
+            return self._held[1].to(next(self.module.parameters()).dtype)
         with torch.no_grad():
             x = self.module.embed_patches(imgs)
         if hold and not self.replaying:

@@ -144,6 +144,20 @@ def test_replay_holds_the_detached_masker_input():
     assert pretrain("mlo", masker=masker, detach_masker_input=False).masker_input(x, masker) is None
 
 
+def test_replay_gives_the_held_input_in_the_parameters_dtype():
+    """A step under bf16 autocast can hold bf16 embeddings; a full-precision re-evaluation gets
+    them in the MAE's parameter dtype (a masker's Linear refuses mixed dtypes outside autocast)."""
+    masker = tiny_masker()
+    p = pretrain("mlo", masker=masker)
+    x = images()
+    held = p.module.embed_patches(x).detach()
+    p._held = (x, held.to(torch.bfloat16))
+    with p.replay():
+        got = p.masker_input(x, masker)
+    assert got.dtype == DT
+    assert torch.equal(got, held.to(torch.bfloat16).to(DT))
+
+
 def test_reconstruct_is_the_interface_for_pictures():
     """``reconstruct(imgs)`` -> Reconstructed(loss, pred [N, L, p*p*C], per_patch [N, L],
     masking); the loss is the MAE's own under that masking."""
