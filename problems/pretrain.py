@@ -348,20 +348,15 @@ class Reconstruction(Problem):
         return spec.make(imgs, self.module, masker, boxes, held)
 
     def masker_input(self, imgs: Tensor, masker: nn.Module, hold: bool = False) -> Tensor | None:
-        """The MAE's embeddings of ``imgs`` as the masker reads them, where it reads them
-        detached (None otherwise: the masker reads the images, or the embeddings with their
-        gradient). Detached, they are data to the masker, as the images are, and the loss's
-        dependence on the MAE's parameters through them is cut. A finite difference re-evaluates
-        the loss at the MAE's parameters moved by +-eps v, and freshly computed embeddings
-        would move with them, and with them the masker's logits and its sampled or top-k masks:
-        it would difference a path no gradient has (and a mask that flips between the two
-        evaluations makes it O(1/eps)). So the loss's call (``hold``) keeps its embeddings, and
-        a re-evaluation of that batch (``replaying``) reads them instead of recomputing."""
+        """The MAE's embeddings of ``imgs`` where the masker reads them detached (else None):
+        data to the masker, as images are. A finite difference re-evaluates the loss at the MAE's
+        parameters moved by +-eps v; recomputed there, the embeddings (and the masker's logits
+        and masks) would move too, a path no gradient has. So the loss's call (``hold``) keeps
+        them, and a re-evaluation of that batch (``replaying``) reads them."""
         if not self.spec.detach_masker_input or self.spec.reads_images(masker):
             return None
         if self.replaying and self._held is not None and self._held[0] is imgs:
-            # the step may have run under autocast and a re-evaluation in full precision: give
-            # the masker its parameters' dtype, as a fresh computation there would
+            # a bf16-autocast step, a full-precision re-evaluation: the parameters' dtype
             return self._held[1].to(next(self.module.parameters()).dtype)
         with torch.no_grad():
             x = self.module.embed_patches(imgs)
