@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import platform
 import random
+import subprocess
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -305,6 +307,25 @@ def versions() -> dict[str, str]:
     import timm
     return {"mlomae": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "numpy": np.__version__}
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout this package runs from, its first 12 digits, with
+    ``+dirty`` when tracked files differ from it; None outside a git checkout (an installed
+    wheel) or without git."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip()[:12] + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def dependencies(cfg: Config) -> list[Dependency]:

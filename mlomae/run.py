@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import checkpoint
-from .build import Built, build, config_digest, versions
+from .build import Built, build, config_digest, source_commit, versions
 from .callbacks import Metrics, Periodic, Progress
 from .config import Config, flatten
 from .engine import Callback, Engine, StepRecord
@@ -106,6 +106,7 @@ class Runner:
         self.engine = self.built.engine
         self.digest = config_digest(cfg)
         self.wall_before = 0.0
+        self.code: list[str | None] = [source_commit()] if rank == 0 else []
         self.train_seconds: float | None = None
         self.metrics_state = None
         self.metrics: Metrics | None = None
@@ -168,6 +169,9 @@ class Runner:
             seed_everything(rank_seed(self.cfg["seed"], self.rank, self.engine.outer_step))
         self.metrics_state = state.get("metrics")
         self.wall_before = float(state.get("wall_time", 0.0))
+        # the commits that trained it so far, oldest first (None: unknown, an older checkpoint)
+        before = list(state["code"]) if "code" in state else [None]
+        self.code = before + [c for c in self.code if not before or c != before[-1]]
         if self.main:
             self.run_dir.open_metrics(truncate_to=int(state["metrics_lines"]))
         if self.main:   # one line per run, not per process
@@ -188,6 +192,7 @@ class Runner:
         state = {"engine": engine.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
                  "world_size": self.world, "metrics_lines": self.run_dir.lines, "digest": self.digest,
                  "metrics": self.metrics.state_dict() if self.metrics else None,
+                 "code": self.code,
                  "wall_time": self.wall_before + (time.perf_counter() - self.t0)}
         checkpoint.save(self.run_dir.checkpoints, step, state,
                         keep=self.cfg["trainer"]["keep_checkpoints"])
@@ -328,7 +333,7 @@ class Runner:
             "wall_time_seconds": wall, "train_seconds": self.train_seconds,
             "device": str(self.built.device),
             "final_metrics": {k: v for k, v in metrics.last.items() if k != "step"},
-            "eval": evals, "versions": versions(), "digest": self.digest,
+            "eval": evals, "versions": versions(), "code": self.code, "digest": self.digest,
             "precision": self.built.precision[0],
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,
         }

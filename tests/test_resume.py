@@ -156,3 +156,36 @@ def test_resume_keeps_results_added_after_the_run(tmp_path):
     s = json.loads((rd / "summary.json").read_text())
     assert s["outer_steps"] == 14 and s["eval"]["added_later"] == 12.5
     assert 0 < s["train_seconds"] <= s["wall_time_seconds"]
+
+
+def _head() -> str | None:
+    """This checkout's commit as git itself prints it (None outside a git checkout)."""
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if r.returncode != 0 or not (ROOT / ".git").exists():
+        return None
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip()[:12] + ("+dirty" if dirty else "")
+
+
+@pytest.mark.parametrize("saved,expected_before", [(["0123456789ab"], ["0123456789ab"]),
+                                                   (None, [None])])
+def test_summary_names_every_commit_that_trained_the_run(tmp_path, saved, expected_before):
+    """A run records the commit it started from; a resume by other code appends its own, and a
+    checkpoint from before commits were kept reads as one unknown (None) commit."""
+    from mlomae import checkpoint
+    rd = tmp_path / "run"
+    mlomae(["run", TOY, "--run-dir", str(rd), "--no-tracking", "trainer.steps=7",
+            "trainer.checkpoint_every=7"])
+    head = _head()
+    assert json.loads((rd / "summary.json").read_text())["code"] == [head]
+    path, state = checkpoint.load_latest(rd / "checkpoints")
+    if saved is None:
+        del state["code"]
+    else:
+        state["code"] = saved
+    checkpoint.save(rd / "checkpoints", 7, state, keep=3)
+    mlomae(["run", "--resume", str(rd), "--no-tracking", "trainer.steps=14"])
+    assert json.loads((rd / "summary.json").read_text())["code"] == [*expected_before, head]
+    again = checkpoint.load_latest(rd / "checkpoints")[1]
+    assert again["code"] == [*expected_before, head]

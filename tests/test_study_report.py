@@ -238,7 +238,8 @@ def test_fashion_mnist_yaml_is_the_studys_repaired_run():
 def test_a_record_keeps_training_time_alone_and_its_first_machine_and_date(tmp_path):
     """records.save: train_seconds 1500 -> 25.0 minutes (not the 1800 s wall time, which counts
     the evaluations); the heat map is copied beside the record; re-saving after a later
-    evaluation keeps the machine and date of the first record and takes the new evaluation."""
+    evaluation keeps the machine and date of the first record and takes the new evaluation; the
+    commits that trained the run are copied."""
     import json
     rs = load_run_study()
     rd, results = tmp_path / "runs" / "random-s2", tmp_path / "results"
@@ -246,9 +247,11 @@ def test_a_record_keeps_training_time_alone_and_its_first_machine_and_date(tmp_p
     (rd / "pictures" / "mask_heatmap.png").write_bytes(b"png")
     summary = {"status": "FINISHED", "train_seconds": 1500.0, "wall_time_seconds": 1800.0,
                "eval": {"linear_top1": 88.33}, "final_metrics": {"pretrain/loss": 0.5, "note": "x"},
-               "outer_steps": 4687, "problem_steps": {"pretrain": 18748}, "precision": "bf16"}
+               "outer_steps": 4687, "problem_steps": {"pretrain": 18748}, "precision": "bf16",
+               "code": [None, "0123456789ab"]}
     rec = rs.records.save(rd, summary, results)
     assert (rec["method"], rec["seed"], rec["train_minutes"]) == ("random", 2, 25.0)
+    assert rec["code"] == [None, "0123456789ab"]
     assert rec["final_metrics"] == {"pretrain/loss": 0.5}
     assert (results / "random-s2-heatmap.png").read_bytes() == b"png"
     kept = json.loads((results / "random-s2.json").read_text())

@@ -48,7 +48,7 @@ def save(rd: Path, summary: dict, results: Path) -> dict:
                              if isinstance(v, (int, float))},
            "train_minutes": train_minutes(summary, rd),
            "outer_steps": summary.get("outer_steps"), "problem_steps": summary.get("problem_steps"),
-           "precision": summary.get("precision"),
+           "precision": summary.get("precision"), "code": summary.get("code"),
            "machine": old.get("machine") or machine(),
            "date": old.get("date") or datetime.date.today().isoformat()}
     results.mkdir(parents=True, exist_ok=True)
