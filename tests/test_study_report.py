@@ -38,7 +38,8 @@ def test_study_runs_each_run_in_a_child_and_resumes_after_a_kill(tmp_path):
     injection in the child) stops the study with exit 137 and the later run not started; the
     same command then resumes the killed run from its checkpoint at step 5 and ends with the
     metrics of a study never interrupted (20 outer steps of 5 lower steps, every logged number
-    equal), then runs the second. An unknown method exits 2 naming it."""
+    equal), then runs the second. An unknown method exits 2 naming it; a record-only method is
+    skipped by the whole study and refused by name."""
     import json
     import os
     import subprocess
@@ -50,7 +51,9 @@ def test_study_runs_each_run_in_a_child_and_resumes_after_a_kill(tmp_path):
              "checkpoint_every": 5, "model": {}, "overrides": ["tracking.enabled=false"],
              "methods": {"a": {"experiment": "experiments/toy_bilevel.yaml"},
                          "b": {"experiment": "experiments/toy_bilevel.yaml",
-                               "overrides": ["hypergrad.method=darts"]}},
+                               "overrides": ["hypergrad.method=darts"]},
+                         "c": {"experiment": "experiments/toy_bilevel.yaml",
+                               "record_only": "trained by older code"}},
              "evaluation": [], "report_metrics": {}}
     path = tmp_path / "study.yaml"
     path.write_text(json.dumps(study))
@@ -95,6 +98,11 @@ def test_study_runs_each_run_in_a_child_and_resumes_after_a_kill(tmp_path):
     os.remove(tmp_path / "results" / "a-s0.json")
     assert go("--methods", "a").returncode == 0
     assert records("a-s0") == resumed
+    # a record-only method is never trained: skipped by the whole study, an error when named
+    assert go().returncode == 0 and not (tmp_path / "runs" / "c-s0").exists()
+    r = go("--methods", "a,c")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "method 'c' is kept as a record only, not trained again: trained by older code" in r.stderr
 
 
 def test_write_results_replaces_only_the_marked_block(tmp_path):
@@ -125,7 +133,8 @@ def test_every_study_method_loads_with_the_stated_schedule():
     rs = load_run_study()
     want = {"masking": {"random": 4, "random_throw": 4, "object_prior": 4, "amt": 4, "hpm": 4, "pixel_guided": 4,
                         "automae": 1, "automae_frozen": 1, "mlomae": 2, "mlomae_repaired": 4,
-                        "mlomae_repaired_adversarial": 4},
+                        "mlomae_repaired_adversarial": 4, "mlomae_repaired_unheld": 4,
+                        "mlomae_repaired_adversarial_unheld": 4},
             "variants": {"darts_k4": 4, "unroll_k8": 8, "unroll_k8_prior": 8, "sama_k4": 4, "sama_k4_exact_head": 4,
                          "darts_k4_held": 4,
                          "darts_k4_regularised": 4}}

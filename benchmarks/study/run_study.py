@@ -18,6 +18,10 @@ meant to be committed: benchmarks/study/results/EXPERIMENT/METHOD-sSEED.json (it
 final metrics, training minutes and the machine that trained it) beside its mask heat map, so a
 study that takes many days survives a new clone. A run with such a record counts as finished;
 delete the record to train it again.
+
+A method with ``record_only: WHY`` keeps the records of runs this code can no longer train (the
+code that trained them changed what they measure): they stay in the tables under their own name,
+the study never trains it, and naming it in --methods is an error that says WHY.
 """
 
 from __future__ import annotations
@@ -199,7 +203,7 @@ def report() -> str:
     head = ("| method | seeds | " + " | ".join(metrics.values())
             + " | pretraining time (min) | mask agreement |")
     lines = [head, "|" + "---|" * (len(metrics) + 4)]
-    pending = [m for m in STUDY["methods"] if not rows.get(m)]
+    pending = [m for m in STUDY["methods"] if not rows.get(m) and not STUDY["methods"][m].get("record_only")]
     for method in STUDY["methods"]:
         runs = rows.get(method, [])
         if not runs:
@@ -363,6 +367,7 @@ def main() -> int:
             print(f"   {method} seed {seed}: {e}; checkpoint saved", flush=True)
             return 128 + e.signum
         return 0
+    given = args.methods is not None
     args.methods = args.methods or ",".join(STUDY["methods"])
     args.seeds = args.seeds or ",".join(str(s) for s in STUDY["seeds"])
     unknown = [m for m in args.methods.split(",") if m not in STUDY["methods"]]
@@ -370,9 +375,18 @@ def main() -> int:
         print(f"error: {args.study}: no method {', '.join(map(repr, unknown))} (methods: "
               f"{', '.join(STUDY['methods'])})", file=sys.stderr)
         return 2
+    kept = [m for m in args.methods.split(",") if STUDY["methods"][m].get("record_only")]
+    if kept and not args.report:
+        if not given:
+            args.methods = ",".join(m for m in args.methods.split(",") if m not in kept)
+        else:
+            for m in kept:
+                print(f"error: {args.study}: method {m!r} is kept as a record only, not trained "
+                      f"again: {STUDY['methods'][m]['record_only']}", file=sys.stderr)
+            return 2
     if not args.report:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            for method in args.methods.split(","):
+            for method in filter(None, args.methods.split(",")):
                 if seed not in STUDY["methods"][method].get("seeds", STUDY["seeds"]):
                     continue  # a diagnostic variant run on fewer seeds
                 t0 = time.time()
