@@ -37,8 +37,9 @@ the mean per-batch cosine and the cosine of the two means (is the mean direction
 method follows the exact one, only noisier, or another?).
 
 Only the training splits are read (``pretrain``, ``finetune`` and ``mask``, through the problems'
-own loaders); test is not. ``--save`` keeps the numbers beside the study's records
-(results/EXPERIMENT/RUN-signal-sSTEP.json, EXPERIMENT read from the run's config).
+own loaders); test is not. ``--save`` keeps the numbers, and the git commit that measured them,
+beside the study's records (results/EXPERIMENT/RUN-signal-sSTEP[-TAG].json, EXPERIMENT read from
+the run's config).
 """
 
 from __future__ import annotations
@@ -197,7 +198,10 @@ def main() -> int:
                          "'sama_pretrain=hypergrad.method=sama;dependencies=[...]' (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", action="store_true", help="keep the numbers beside the study's records")
+    ap.add_argument("--tag", default="", help="with --save: RUN-signal-sSTEP-TAG.json, so a "
+                    "measurement by other code or settings keeps the earlier one")
     args = ap.parse_args()
+    from mlomae.build import source_commit
     from mlomae.errors import MlomaeError
     t0 = time.time()
     methods = [m for m in args.methods.split(",") if m]
@@ -221,7 +225,7 @@ def main() -> int:
            "top_direction": {k: top_direction(v, names) for k, v in g.items()},
            "agreement": {f"{a} / {b}": agreement(g[a], g[b])
                          for i, a in enumerate(g) for b in list(g)[i + 1:]},
-           "seconds": time.time() - t0}
+           "seconds": time.time() - t0, "code": source_commit()}
     print(f"{out['run']}, outer step {step}, problem {args.problem}, pretraining lr {lr:.3g}, "
           f"{args.batches} batches")
     keys = list(stats["configured"])[1:]
@@ -241,7 +245,8 @@ def main() -> int:
         from mlomae.config import load_yaml
         from mlomae.tracking import atomic_write_text
         exp = load_yaml((args.run_dir / "config.yaml").read_text())["tracking"]["experiment"]
-        path = HERE / "results" / exp / f"{args.run_dir.name}-signal-s{step}.json"
+        tag = f"-{args.tag}" if args.tag else ""
+        path = HERE / "results" / exp / f"{args.run_dir.name}-signal-s{step}{tag}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(out, indent=1, sort_keys=True) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
