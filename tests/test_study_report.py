@@ -136,7 +136,7 @@ def test_every_study_method_loads_with_the_stated_schedule():
                         "mlomae_repaired_adversarial": 4, "mlomae_repaired_unheld": 4,
                         "mlomae_repaired_adversarial_unheld": 4},
             "variants": {"darts_k4": 4, "unroll_k8": 8, "unroll_k8_prior": 8, "sama_k4": 4, "sama_k4_exact_head": 4,
-                         "darts_k4_held": 4,
+                         "darts_k4_held": 4, "darts_k4_fine": 4,
                          "darts_k4_regularised": 4}}
     for study, methods in want.items():
         rs.use_study(ROOT / f"benchmarks/study/{study}.yaml")
