@@ -95,9 +95,10 @@ def test_sigterm_checkpoints_and_resume_continues_the_same_mlflow_run(tmp_path, 
     p = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     # wait until training is under way (the first checkpoint exists), then ask it to stop
     import time
-    deadline = time.time() + 60
-    while not list((rd / "checkpoints").glob("*.pt")) and time.time() < deadline:
+    deadline = time.time() + 300   # generous: a loaded machine takes long to import and start
+    while not list((rd / "checkpoints").glob("*.pt")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
+    assert list((rd / "checkpoints").glob("*.pt")), "no checkpoint within 300 s"
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 128 + signal.SIGTERM, err
