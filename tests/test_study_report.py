@@ -237,7 +237,7 @@ def test_fashion_mnist_yaml_is_the_studys_repaired_run():
     study = load(ROOT / spec["experiment"], rs.overrides("mlomae_repaired", 0)
                  + [f"trainer.steps={rs.STUDY['pretrain_steps'] // 4}"]).data
     ours = load(ROOT / "experiments/fashion_mnist.yaml").data
-    for key in ("models", "problems", "data", "dependencies"):
+    for key in ("models", "problems", "data", "dependencies", "hypergrad"):
         assert ours[key] == study[key], key
     assert ours["trainer"]["steps"] == 4687
     assert ours["trainer"] == study["trainer"]
