@@ -37,9 +37,10 @@ the mean per-batch cosine and the cosine of the two means (is the mean direction
 method follows the exact one, only noisier, or another?).
 
 Only the training splits are read (``pretrain``, ``finetune`` and ``mask``, through the problems'
-own loaders); test is not. ``--save`` keeps the numbers, and the git commit that measured them,
-beside the study's records (results/EXPERIMENT/RUN-signal-sSTEP[-TAG].json, EXPERIMENT read from
-the run's config).
+own loaders); test is not. ``--save`` keeps the numbers, what each label stands for
+(``variants``: a method, or the overrides given by ``--also``) and the git commit that measured
+them beside the study's records (results/EXPERIMENT/RUN-signal-sSTEP[-TAG].json, EXPERIMENT read
+from the run's config).
 """
 
 from __future__ import annotations
@@ -225,6 +226,8 @@ def main() -> int:
            "top_direction": {k: top_direction(v, names) for k, v in g.items()},
            "agreement": {f"{a} / {b}": agreement(g[a], g[b])
                          for i, a in enumerate(g) for b in list(g)[i + 1:]},
+           "variants": {**{m: f"hypergrad.method={m} on every dependency" for m in methods},
+                        **{label: ovs for label, ovs in also.items()}},
            "seconds": time.time() - t0, "code": source_commit()}
     print(f"{out['run']}, outer step {step}, problem {args.problem}, pretraining lr {lr:.3g}, "
           f"{args.batches} batches")
