@@ -145,6 +145,12 @@ def test_check_spec_defaults_and_names():
     assert result_name(check_spec({"protocol": "linear", "pool": "cls"}), "mae") == "linear_cls_top1"
     assert result_name(check_spec({"protocol": "finetune", "labels": "0.5%"}), "mae") == "finetune_top1_0.5pct"
     assert result_name(check_spec({"protocol": "knn", "name": "mine"}), "mae") == "mine"
+    # another test role is in the name, so it never replaces the test split's number
+    assert result_name(check_spec({"protocol": "linear", "test": "mask"}), "mae") == "linear_mask_top1"
+    assert result_name(check_spec({"protocol": "linear", "model": "pixels", "test": "mask"}),
+                       "mae") == "linear_pixels_mask_top1"
+    assert result_name(check_spec({"protocol": "knn", "test": "test", "labels": "10%"}),
+                       "mae") == "knn_top1_10pct"
     assert check_spec({"protocol": "finetune", "lr": "3e-3"})["lr"] == 0.003   # YAML's 3e-3 string
     specs = [{"protocol": "knn"}, {"protocol": "knn", "k": 5}, {"protocol": "linear"}]
     assert [unique_name(specs, i, "mae") for i in range(3)] == ["knn_top1", "knn_top1_1", "linear_top1"]

@@ -7,6 +7,7 @@ An experiment's ``evaluation:`` list holds one mapping per evaluation, e.g.
       - {protocol: linear, labels: 10%}              # -> linear_top1_10pct
       - {protocol: linear, model: pixels}            # -> linear_pixels_top1 (the raw-pixel floor)
       - {protocol: knn, k: 20, temperature: 0.07}    # -> knn_top1
+      - {protocol: linear, test: mask}               # -> linear_mask_top1 (on the `mask` role)
       - {protocol: finetune, epochs: 5, layer_decay: 0.75}   # -> finetune_top1
 
 Keys (defaults in ``COMMON`` and ``PROTOCOL_KEYS`` below):
@@ -177,8 +178,10 @@ def check_spec(spec: Any, *, file: str | None = None, key: str = "evaluation[0]"
 
 
 def result_name(spec: Mapping[str, Any], default_model: str | None) -> str:
-    """``{protocol}[_{model}]_top1[_{pct}pct]``: the model only when it is not the default one,
-    ``cls`` pooling marked as ``_cls``; ``name:`` in the spec replaces all of it."""
+    """``{protocol}[_{model}][_cls][_{test role}]_top1[_{pct}pct]``: the model only when it is
+    not the default one, ``cls`` pooling marked as ``_cls``, the test role only when it is not
+    ``test`` (``linear_mask_top1``: a number on the `mask` split never takes the name of the test
+    split's); ``name:`` in the spec replaces all of it."""
     if spec.get("name"):
         return str(spec["name"])
     parts = [spec["protocol"]]
@@ -186,6 +189,8 @@ def result_name(spec: Mapping[str, Any], default_model: str | None) -> str:
         parts.append(str(spec["model"]))
     if spec.get("pool") == "cls" and spec.get("model") != PIXELS:
         parts.append("cls")
+    if spec.get("test", "test") != "test":
+        parts.append(str(spec["test"]))
     labels = spec["labels"] if isinstance(spec["labels"], Labels) else parse_labels(spec["labels"])
     return "_".join(parts) + "_top1" + labels.suffix
 
