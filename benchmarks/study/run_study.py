@@ -170,6 +170,10 @@ def run_one(method: str, seed: int) -> dict:
         cfg = load(rd / "config.yaml", [])
     print(f"== {method} seed {seed}: {steps} outer steps ({steps * per} pretraining steps)"
           f"{' (resuming)' if resume else ''}", flush=True)
+    from mlomae.build import source_commit
+    if (code := source_commit()) and code.endswith("+dirty"):
+        print(f"   warning: the working tree has uncommitted changes: the record will name "
+              f"{code}, which no commit reproduces (commit first to avoid it)", flush=True)
     out = Runner(cfg, run_dir=rd, resume=resume).run()
     if out.get("status") == "FINISHED":
         records.save(rd, out, RESULTS)
