@@ -16,7 +16,10 @@ $MLOMAE_DATA, then ~/.cache/mlomae):
 - npz: a ``.npz`` file (``path=`` or ``root`` itself), see ``_npz``.
 - synthetic_regression / synthetic_classification: generated from a seed, nothing on disk.
 - synthetic_imagenet: ImageNet's shape (1.28M / 50k images, 3 x 224 x 224, 1000 classes) or any
-  other, generated per item from a seed when a batch is drawn (``synthetic.py``); nothing on disk.
+  other, generated per item from a seed when a batch is drawn; nothing on disk.
+
+The generated sources (the last three) are built in ``synthetic.py``; every source registers
+itself in ``registry.py``'s table.
 
 ``download=True`` calls torchvision's downloader into the first root (for the four torchvision
 sets); nothing downloads unless asked.
@@ -28,17 +31,17 @@ import gzip
 import inspect
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from mlomae.data.base import (IMAGENET_MEAN, IMAGENET_STD, DatasetMeta, TensorImageDataset,
-                              TensorPairDataset, data_roots, missing_data)
+                              data_roots, missing_data)
 from mlomae.data.folder import (FolderImageDataset, class_folders, imagenet_synsets, loose_images)
-from mlomae.data.synthetic import SyntheticImageDataset
+from mlomae.data import synthetic  # noqa: F401  (registers the generated sources)
+from mlomae.data.registry import DATASETS, DatasetEntry, register  # noqa: F401  (re-exported)
 from mlomae.errors import ConfigError, DataError
 
 BASE_SPLITS = ("train", "test")
@@ -46,23 +49,6 @@ DEBIAN_DIR = Path("/usr/share/datasets")
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")
-
-
-@dataclass(frozen=True)
-class DatasetEntry:
-    build: Callable[..., Any]
-    meta: DatasetMeta | None  # None where it depends on the files (folders, npz)
-    doc: str
-
-
-DATASETS: dict[str, DatasetEntry] = {}
-
-
-def register(name: str, meta: DatasetMeta | None = None):
-    def deco(fn):
-        DATASETS[name] = DatasetEntry(fn, meta, (fn.__doc__ or "").strip().split("\n")[0])
-        return fn
-    return deco
 
 
 def build_dataset(name: str = "fashion_mnist", root: str | os.PathLike | None = None,
@@ -341,88 +327,3 @@ def _as_nchw(x: np.ndarray, where: str) -> np.ndarray:
         return x.transpose(0, 3, 1, 2)
     raise DataError(f"{where}: images must be [N,H,W], [N,H,W,C] or [N,C,H,W] with C 1 or 3; "
                     f"got shape {x.shape}")
-
-
-# ---- synthetic ----------------------------------------------------------------------------------
-
-def _rng(seed: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, stream])
-
-
-@register("synthetic_regression",
-          DatasetMeta("synthetic_regression", None, None, None, task="regression"))
-def _synthetic_regression(root, split, download, n: int = 1000, dim: int = 10,
-                          noise: float = 0.1, seed: int = 0):
-    """Linear regression pairs (x, y): x ~ N(0, I_dim), y = x . w* + noise * N(0, 1).
-
-    w* ~ N(0, I) depends on the seed only; train and test draw different x from the same w*.
-    The dataset carries ``w_star`` for closed-form checks.
-    """
-    w = _rng(seed, 0).standard_normal(dim)
-    g = _rng(seed, 1 if split == "train" else 2)
-    x = g.standard_normal((n, dim))
-    y = x @ w + noise * g.standard_normal(n)
-    meta = DATASETS["synthetic_regression"].meta.with_(dim=dim)
-    return TensorPairDataset(torch.tensor(x, dtype=torch.float32),
-                             torch.tensor(y, dtype=torch.float32), meta,
-                             w_star=torch.tensor(w, dtype=torch.float32))
-
-
-@register("synthetic_classification")
-def _synthetic_classification(root, split, download, n: int = 1024, num_classes: int = 10,
-                              channels: int = 1, image_size: int = 28, noise: float = 0.25,
-                              seed: int = 0):
-    """Small images with nothing on disk: class prototypes (smooth random patterns) plus noise.
-
-    Classes are balanced (label = i mod K, shuffled); prototypes depend on the seed only, so
-    train and test share them. Learnable in a few hundred steps: for quick runs and tests.
-    """
-    coarse = _rng(seed, 0).random((num_classes, channels, 7, 7))
-    protos = torch.nn.functional.interpolate(torch.tensor(coarse), size=image_size,
-                                             mode="bilinear", align_corners=False).numpy()
-    g = _rng(seed, 1 if split == "train" else 2)
-    labels = g.permutation(np.arange(n) % num_classes)
-    x = protos[labels] + noise * g.standard_normal((n, channels, image_size, image_size))
-    images = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
-    meta = DatasetMeta("synthetic_classification", num_classes, channels,
-                       (image_size, image_size), (0.5,) * channels, (0.3,) * channels)
-    return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels), meta)
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
-            (high is not None and value > high):
-        span = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ConfigError(f"must be an integer {span}", key=f"data.options.{name}", value=value)
-    return int(value)
-
-
-@register("synthetic_imagenet")
-def _synthetic_imagenet(root, split, download, n: int = 1_281_167, n_test: int = 50_000,
-                        num_classes: int = 1000, channels: int = 3, image_size: int = 224,
-                        noise: float = 0.25, seed: int = 0):
-    """ImageNet-shaped images generated on demand (defaults: 1.28M train / 50k test, 3x224x224).
-
-    ``n`` / ``n_test``: items of the train / test base split; splits, label fractions, sharding
-    and every problem work on it as on any other source. Item i depends on (seed, split, i)
-    only (see ``synthetic.py``); ``seed`` is this option, not the experiment's seed, so that
-    changing the experiment's seed reshuffles the splits but keeps the images.
-    """
-    n = _check_int("n", n, 1)
-    n_test = _check_int("n_test", n_test, 1)
-    num_classes = _check_int("num_classes", num_classes, 1)
-    channels = _check_int("channels", channels, 1, 3)
-    if channels == 2:
-        raise ConfigError("must be 1 (grayscale) or 3 (colour)", key="data.options.channels",
-                          value=channels)
-    image_size = _check_int("image_size", image_size, 1)
-    seed = _check_int("seed", seed, 0)
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
-        raise ConfigError("must be a number >= 0 (the pixel noise's standard deviation, in units "
-                          "of the full range)", key="data.options.noise", value=noise)
-    size = n if split == "train" else n_test
-    meta = DatasetMeta("synthetic_imagenet", num_classes, channels, (image_size, image_size),
-                       (0.5,) * channels, (0.3,) * channels,
-                       classes=tuple(f"class_{k:04d}" for k in range(num_classes)))
-    return SyntheticImageDataset(size, num_classes, channels, image_size, float(noise), seed,
-                                 split, meta)
