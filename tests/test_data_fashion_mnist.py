@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,8 @@ pytestmark = pytest.mark.skipif(
 def fmnist(tmp_path_factory):
     # An empty root so that nothing but the Debian files can be found.
     root = tmp_path_factory.mktemp("empty_root")
-    t0 = time.perf_counter()
     train = build_dataset("fashion_mnist", root=root, split="train")
-    seconds = time.perf_counter() - t0
-    return train, build_dataset("fashion_mnist", root=root, split="test"), seconds
+    return train, build_dataset("fashion_mnist", root=root, split="test"), root
 
 
 def test_sizes_shapes_and_class_counts_match_the_dataset_description(fmnist):
@@ -52,10 +49,19 @@ def test_sizes_shapes_and_class_counts_match_the_dataset_description(fmnist):
     assert y.dtype == torch.long
 
 
-def test_loading_is_one_array_read_not_per_image(fmnist):
-    # 60k images through PIL one by one take tens of seconds; one idx read takes well under 1 s
-    # here (0.4 s measured). 5 s leaves room for a slow CI disk.
-    assert fmnist[2] < 5.0
+def test_loading_is_one_array_read_not_per_image(fmnist, monkeypatch):
+    # 60k images through PIL one by one take tens of seconds; one idx read per file takes well
+    # under 1 s (0.4 s measured). Counted, not timed: two reads (images, labels), no image opened
+    # one by one, and the images are one uint8 tensor over one buffer.
+    import PIL.Image
+    reads, opened = [], []
+    real_read = sources.read_idx
+    monkeypatch.setattr(sources, "read_idx", lambda path: reads.append(Path(path).name) or
+                        real_read(path))
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(a))
+    train = build_dataset("fashion_mnist", root=fmnist[2], split="train")
+    assert reads == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"] and opened == []
+    assert train.images.is_contiguous() and train.images.dtype == torch.uint8
 
 
 def test_meta_normalisation_is_the_train_set_statistics(fmnist):
@@ -140,11 +146,10 @@ def test_fetch_reports_present_data_and_fails_clearly_on_absent(capsys, tmp_path
 def test_get_data_script_is_quick_when_the_data_is_there():
     import subprocess
     script = Path(__file__).resolve().parents[1] / "scripts" / "get_data.sh"
-    t0 = time.perf_counter()
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"fashion_mnist: present in {DEBIAN}"
-    assert time.perf_counter() - t0 < 5
+    # The one line of the branch that finds the files and installs nothing.
+    assert r.stdout.strip() == f"fashion_mnist: present in {DEBIAN}" and r.stderr == ""
 
 
 def test_download_path_asks_torchvision_for_the_first_root(tmp_path, monkeypatch):
