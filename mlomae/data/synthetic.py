@@ -10,6 +10,9 @@ dataset of 1.28M images at 224 px costs 10 MB; a batch is generated when it is g
 
 Meant for scale checks, benchmarks and tests of the ImageNet pipeline where the real data is
 absent; the classes are learnable but nothing about natural images is.
+
+The registered sources built here: ``synthetic_regression``, ``synthetic_classification`` and
+``synthetic_imagenet`` (the last one on ``SyntheticImageDataset``).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class SyntheticImageDataset(Dataset):
                 f"classes={self.num_classes}, seed={self.seed})")
 
 
-# ---- the generated sources, by name ----------------------------------------------------------------------------------
+# ---- the generated sources, by name --------------------------------------------------------------
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
@@ -138,7 +141,7 @@ def _synthetic_imagenet(root, split, download, n: int = 1_281_167, n_test: int =
 
     ``n`` / ``n_test``: items of the train / test base split; splits, label fractions, sharding
     and every problem work on it as on any other source. Item i depends on (seed, split, i)
-    only (see ``synthetic.py``); ``seed`` is this option, not the experiment's seed, so that
+    only (see ``SyntheticImageDataset``); ``seed`` is this option, not the experiment's seed, so that
     changing the experiment's seed reshuffles the splits but keeps the images.
     """
     n = _check_int("n", n, 1)
