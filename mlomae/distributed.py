@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .engine.engine import Reducer
+from .engine.hooks import Reducer
 
 
 def setup(cfg) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """The multilevel optimization engine. Imports torch only (no images, YAML or tracking)."""
 
-from .engine import Callback, Engine, StepRecord
+from .engine import Engine, StepRecord
+from .hooks import Callback
 from .graph import Dependency, Graph
 from .problem import Problem
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import GraphError, did_you_mean
 from ..hypergrad import DEFAULT, Keep, Method, OptionError, make
+from .order import find_cycle, push_order
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Graph:
                 if n not in linked:
                     raise GraphError(f"problem '{n}' is in no dependency, so the schedule never "
                                      "relates it to the others: add a dependency or remove it")
-        cycle = _find_cycle(self.names, [(d.upper, d.lower) for d in self.dependencies])
+        cycle = find_cycle(self.names, [(d.upper, d.lower) for d in self.dependencies])
         if cycle:
             raise GraphError("dependencies form a cycle: " + " -> ".join(cycle))
 
@@ -196,7 +197,7 @@ class Graph:
         if not live:
             return None
         inputs = {p: [r for r in self.reads[p] if r == upper or r in live] for p in live}
-        order = _push_order(sorted(live, key=scope.index), inputs)
+        order = push_order(sorted(live, key=scope.index), inputs)
         if order is None:
             raise GraphError(f"below '{upper}', problems read each other in a loop "
                              f"({', '.join(sorted(live))}); the hypergradient is undefined")
@@ -360,52 +361,3 @@ def _name_and_options(method: "str | Method", options: Mapping[str, Any]) -> tup
     if isinstance(method, Method):
         return method.name, {**method.values(), **options}
     return method, dict(options)
-
-
-def _find_cycle(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> list[str] | None:
-    nxt: dict[str, list[str]] = {n: [] for n in nodes}
-    for a, b in edges:
-        nxt.setdefault(a, []).append(b)
-    color: dict[str, int] = {}
-    stack: list[str] = []
-
-    def dfs(n: str) -> list[str] | None:
-        color[n] = 1
-        stack.append(n)
-        for m in nxt.get(n, []):
-            if color.get(m) == 1:
-                return stack[stack.index(m):] + [m]
-            if color.get(m) is None:
-                found = dfs(m)
-                if found:
-                    return found
-        stack.pop()
-        color[n] = 2
-        return None
-
-    for n in nodes:
-        if color.get(n) is None:
-            found = dfs(n)
-            if found:
-                return found
-    return None
-
-
-def _push_order(nodes: list[str], inputs: Mapping[str, list[str]]) -> list[str] | None:
-    """Order so that a problem comes before every problem it pushes into."""
-    nodeset = set(nodes)
-    indeg = {n: 0 for n in nodes}
-    for n in nodes:
-        for r in inputs[n]:
-            if r in nodeset:
-                indeg[r] += 1
-    order, ready = [], [n for n in reversed(nodes) if indeg[n] == 0]
-    while ready:
-        n = ready.pop(0)
-        order.append(n)
-        for r in inputs[n]:
-            if r in nodeset:
-                indeg[r] -= 1
-                if indeg[r] == 0:
-                    ready.append(r)
-    return order if len(order) == len(nodes) else None
