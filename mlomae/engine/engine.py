@@ -29,8 +29,8 @@ from ..errors import GraphError, NonFiniteError
 from ..hypergrad import DEFAULT, Keep, LowerLevel, Method
 from . import diffopt, rng
 from .graph import Dependency, Graph
-from .problem import Problem
 from .hooks import Callback, Reducer
+from .problem import Problem
 from .scaling import LossScale, ScaleState
 from .steps import KeptSteps, StepRecord, add, fill, norm
 
