@@ -14,7 +14,13 @@ K = 1, 2, 4, 8 pretraining steps of each mask step (the meta-objective after K s
 them differentiated), against DARTS, Neumann and SAMA at K = 4 (the last step only, or the
 implicit function theorem at the point reached).
 
-    benchmarks/.venv-bench/bin/python benchmarks/learned_cost.py [--quick] [--horizons]
+``--study`` times instead the learned-masking study's runs as benchmarks/study/run_study.py
+builds them (its model, bf16, no augmentation, each method's own overrides, less the repaired
+maskers' random warm-up: their cost after it), ``random`` against ``mlomae`` and the repaired
+maskers, so a study run's minutes can be set against random masking's on the same machine when
+no random run of the study was trained there.
+
+    benchmarks/.venv-bench/bin/python benchmarks/learned_cost.py [--quick] [--horizons | --study]
 """
 
 from __future__ import annotations
@@ -51,9 +57,31 @@ def horizons() -> dict:
     return rows
 
 
+STUDY_METHODS = ("random", "mlomae", "mlomae_repaired", "mlomae_repaired_adversarial")
+
+
+def study_runs() -> dict:
+    """name -> (experiment, overrides): the masking study's methods as run_study.py configures
+    them (model, the study's overrides, the method's own; no evaluation, no tracking), without
+    a random warm-up (the timed steps would all fall inside it): the cost after the warm-up."""
+    from mlomae.config import load_yaml
+    study = load_yaml((ROOT / "benchmarks/study/masking.yaml").read_text())
+    base = [f"models.mae.{k}={v}" for k, v in study["model"].items()] + list(study["overrides"])
+    rows = {}
+    for name in STUDY_METHODS:
+        spec = study["methods"][name]
+        ov = list(base)
+        for o in spec.get("overrides", []):   # a YAML alias (*repaired) nests a list
+            ov += list(o) if isinstance(o, list) else [o]
+        ov = [o for o in ov if not o.startswith("+problems.pretrain.warmup_steps=")]
+        rows[f"study {name}"] = (spec["experiment"], ov)
+    return rows
+
+
 def engine(path: str, overrides: list[str], threads: int):
+    extra = [] if "+data.augment=false" in overrides else ["+data.augment=false"]
     cfg = load(ROOT / path, overrides + ["evaluation=[]", "trainer.steps=100000",
-                                         f"trainer.threads={threads}", "+data.augment=false"])
+                                         f"trainer.threads={threads}", *extra])
     built = build(cfg)
     per = built.engine.schedule.count("pretrain")
     return built, per
@@ -64,9 +92,14 @@ def main() -> None:
     ap.add_argument("--horizons", action="store_true",
                     help="also the repaired masker's hypergradient at horizons K = 1..8 (unroll) "
                          "and with darts / neumann / sama")
+    ap.add_argument("--study", action="store_true",
+                    help="only the masking study's runs as run_study.py builds them: random "
+                         "against mlomae and the repaired maskers")
     args = ap.parse_args()
     repeats = common.setup(args)
     print(common.describe_machine(args.threads))
+    if args.study:
+        return study(args, repeats)
     contenders, per = {}, {}
     built_r, per["random"] = engine(RANDOM[1], RANDOM[2], args.threads)
     contenders["random"] = built_r.engine.step
@@ -93,6 +126,30 @@ def main() -> None:
     common.save("learned_cost", {"ms_per_pretraining_step": {n: 1e3 * v for n, v in med.items()},
                                  "ratio_vs_random": {n: med[n] / med["random"] for n in med},
                                  "times_s": times, "pretraining_steps_per_outer": per}, args)
+
+
+def study(args, repeats: int) -> None:
+    """The study's runs timed side by side: ms per pretraining step and the ratio to random, and
+    what 18,750 pretraining steps (one study run) take at that speed."""
+    runs = study_runs()
+    contenders, per = {}, {}
+    for name, (path, ov) in runs.items():
+        b, per[name] = engine(path, ov, args.threads)
+        contenders[name] = b.engine.step
+        if name == "study random":
+            print(f"precision: {b.precision[0]} ({b.precision[1]})")
+    times = common.interleave(contenders, repeats, warmup=2)
+    med = {n: common.median(t) / per[n] for n, t in times.items()}
+    steps = 18750
+    print(common.table([[n, per[n], 1e3 * med[n], med[n] / med["study random"],
+                         steps * med[n] / 60] for n in contenders],
+                       ["study run", "pretraining steps / outer step", "ms / pretraining step",
+                        "× random", f"minutes for {steps:,} pretraining steps"]))
+    print(f"HEADLINE study-cost: mlomae (published) / random at the study's settings = "
+          f"{med['study mlomae'] / med['study random']:.2f}x")
+    common.save("learned_cost_study", {"ms_per_pretraining_step": {n: 1e3 * v for n, v in med.items()},
+                                       "ratio_vs_random": {n: med[n] / med["study random"] for n in med},
+                                       "times_s": times, "pretraining_steps_per_outer": per}, args)
 
 
 if __name__ == "__main__":
