@@ -3,20 +3,13 @@ cell of the mask: each flip moves that cell's value to a known corner."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from study_scripts import load_study_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("disc_symmetry",
-                                                  ROOT / "benchmarks/study/disc_symmetry.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_study_script("disc_symmetry")
 
 
 def test_flip_scores_move_the_top_left_cell_to_each_corner():

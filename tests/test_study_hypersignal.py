@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from study_scripts import load_study_script
 
 
 def load_signal():
-    spec = importlib.util.spec_from_file_location("hypersignal", ROOT / "benchmarks/study/hypersignal.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_study_script("hypersignal")
 
 
 def test_signal_share_by_hand():

@@ -3,22 +3,15 @@ masker's only path from the weighted loss, then 0), and its summary of a hand-ma
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from study_scripts import load_study_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("masker_logits",
-                                                  ROOT / "benchmarks/study/masker_logits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_study_script("masker_logits")
 
 
 @pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("float32", torch.float32)])

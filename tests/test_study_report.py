@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+from study_scripts import load_study_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_run_study():
-    spec = importlib.util.spec_from_file_location("run_study", ROOT / "benchmarks/study/run_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_study_script("run_study")
 
 
 def run(seed, linear, minutes):
